@@ -1,0 +1,177 @@
+"""MAP-Elites archives, one per skill (CycleQD section 3). Pure numpy, no I/O.
+
+In the archive of skill k, a model's quality is its score on k and its cell is the tuple of
+the bins of its scores on every other skill, in config order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from cycleqd.config import CampaignConfig, SamplingConfig, SkillConfig
+
+Cell = tuple[int, ...]
+
+
+def bin_index(value: float, lo: float, hi: float, n_bins: int) -> int:
+    """The bin of a BC value: exactly the paper's `digitize(x, linspace(lo, hi, n+1), right=True)
+    - 1`, clipped to [0, n-1] so that values outside the range land in the edge bins."""
+    edges = np.linspace(lo, hi, n_bins + 1)
+    return int(np.clip(np.digitize(value, edges, right=True) - 1, 0, n_bins - 1))
+
+
+@dataclass
+class Elite:
+    genome_id: str
+    quality: float
+    scores: dict[str, float]
+    sampled: int = 0
+
+
+@dataclass
+class Archive:
+    """The archive of one quality skill over the BC skills' grid."""
+
+    skill: str
+    bc_skills: list[SkillConfig]
+    cells: dict[Cell, Elite] = field(default_factory=dict)
+
+    def cell_of(self, scores: Mapping[str, float]) -> Cell:
+        return tuple(bin_index(scores[s.name], s.bc_min, s.bc_max, s.bins) for s in self.bc_skills)
+
+    def offer(self, genome_id: str, scores: Mapping[str, float]) -> bool:
+        """Keep the candidate if its cell is empty or it is strictly better there."""
+        quality = float(scores[self.skill])
+        cell = self.cell_of(scores)
+        incumbent = self.cells.get(cell)
+        if incumbent is not None and not quality > incumbent.quality:
+            return False
+        self.cells[cell] = Elite(genome_id, quality, {k: float(v) for k, v in scores.items()})
+        return True
+
+    def best(self) -> Elite:
+        # Ties go to the lowest cell so that the choice never depends on insertion order.
+        return max(sorted(self.cells.items()), key=lambda item: item[1].quality)[1]
+
+    def fill(self) -> float:
+        return len(self.cells) / math.prod(s.bins for s in self.bc_skills)
+
+    def grid(self) -> np.ndarray:
+        """Qualities as a dense array (NaN where empty), for elite maps."""
+        out = np.full([s.bins for s in self.bc_skills], np.nan)
+        for cell, elite in self.cells.items():
+            out[cell] = elite.quality
+        return out
+
+
+class ArchiveSet:
+    """All K archives; a candidate is offered to each of them."""
+
+    def __init__(self, skills: Sequence[SkillConfig]):
+        self.skill_names = [s.name for s in skills]
+        self.archives = {
+            s.name: Archive(s.name, [b for b in skills if b.name != s.name]) for s in skills
+        }
+
+    @classmethod
+    def for_config(cls, config: CampaignConfig) -> ArchiveSet:
+        return cls(config.skills)
+
+    def __getitem__(self, skill: str) -> Archive:
+        return self.archives[skill]
+
+    def offer(self, genome_id: str, scores: Mapping[str, float]) -> list[str]:
+        """Insert wherever the candidate wins its cell; returns the skills it entered.
+
+        A candidate with a missing or non-finite score is rejected outright: it enters nowhere.
+        """
+        missing = [s for s in self.skill_names if s not in scores]
+        if missing:
+            raise ValueError(f"scores of {genome_id} lack skill(s) {missing}")
+        if not all(math.isfinite(float(scores[s])) for s in self.skill_names):
+            return []
+        return [s for s in self.skill_names if self.archives[s].offer(genome_id, scores)]
+
+    def genome_ids(self) -> set[str]:
+        return {e.genome_id for a in self.archives.values() for e in a.cells.values()}
+
+    def to_dict(self) -> dict:
+        return {
+            skill: [
+                {"cell": list(cell), **asdict(elite)} for cell, elite in sorted(a.cells.items())
+            ]
+            for skill, a in self.archives.items()
+        }
+
+    def load_dict(self, data: Mapping[str, list[dict]]) -> None:
+        for skill, entries in data.items():
+            archive = self.archives[skill]
+            archive.cells = {
+                tuple(e["cell"]): Elite(e["genome_id"], e["quality"], e["scores"], e["sampled"])
+                for e in entries
+            }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArchiveSet) and self.to_dict() == other.to_dict()
+
+
+def _normalise(values: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
+    lo, hi = values.min(), values.max()
+    if lo == hi:
+        return np.ones_like(values, dtype=float)
+    unit = (values - lo) / (hi - lo)
+    if sampling.formula == "paper":
+        return sampling.a_lo + unit * (sampling.a_hi - sampling.a_lo)
+    return sampling.a_lo + unit * sampling.a_hi  # the official code's scaling
+
+
+def sampling_probabilities(
+    archive: Archive, sampling: SamplingConfig
+) -> tuple[list[Cell], np.ndarray]:
+    """Per-elite parent probabilities, cells in sorted order.
+
+    Elite sampling: the product over quality and every BC coordinate (the cell index) of the
+    min-max normalised value mapped to [a_lo, a_hi]; uniform: equal weights.
+    """
+    cells = sorted(archive.cells)
+    if sampling.method == "uniform" or not cells:
+        return cells, np.full(len(cells), 1.0 / max(len(cells), 1))
+    probs = _normalise(np.array([archive.cells[c].quality for c in cells], dtype=float), sampling)
+    coords = np.array(cells, dtype=float).reshape(len(cells), -1)
+    for axis in range(coords.shape[1]):
+        probs = probs * _normalise(coords[:, axis], sampling)
+    total = probs.sum()
+    if total <= 0:
+        probs = np.ones(len(cells))
+        total = float(len(cells))
+    return cells, probs / total
+
+
+def sample_parents(
+    archives: ArchiveSet, skill: str, sampling: SamplingConfig, rng: np.random.Generator
+) -> tuple[str, str]:
+    """Two distinct parents from the archive of `skill`.
+
+    An archive with a single elite (possible right after seeding, when experts share a cell)
+    borrows its second parent uniformly from the other archives' elites.
+    """
+    archive = archives[skill]
+    cells, probs = sampling_probabilities(archive, sampling)
+    if len(cells) >= 2:
+        picked = rng.choice(len(cells), size=2, replace=False, p=probs)
+        parents = [archive.cells[cells[i]] for i in picked]
+        for elite in parents:
+            elite.sampled += 1
+        return parents[0].genome_id, parents[1].genome_id
+    if not cells:
+        raise ValueError(f"archive {skill!r} is empty: seed the archives with the experts first")
+    first = archive.cells[cells[0]].genome_id
+    others = sorted(archives.genome_ids() - {first})
+    if not others:
+        raise ValueError("all archives hold one single model; CycleQD needs two distinct parents")
+    archive.cells[cells[0]].sampled += 1
+    return first, others[int(rng.integers(len(others)))]

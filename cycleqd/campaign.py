@@ -1,0 +1,245 @@
+"""The CycleQD loop, in process: seed, then per generation breed -> materialise -> evaluate ->
+insert, then aggregate. Kubeflow components call the same steps one at a time.
+
+Randomness: generation t, child p draws from `default_rng([seed, t, p])`. Nothing random
+is carried from one generation to the next, so a campaign resumed from its last snapshot
+breeds exactly the children an uninterrupted run would have bred.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from cycleqd.archive import ArchiveSet, sample_parents
+from cycleqd.config import CampaignConfig, parse_config
+from cycleqd.errors import ConfigError, NonFiniteWeightsError
+from cycleqd.genome import Genome, GenomeBook, Mutation
+from cycleqd.materialize import Materializer
+from cycleqd.operators import aggregation_weights, crossover_weights
+from cycleqd.state import LocalCampaignStore
+from cycleqd.weights import SafetensorsFolder, check_compatible
+
+log = logging.getLogger(__name__)
+
+Tensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class Evaluator(Protocol):
+    """Scores a model on every skill; each score is a quality in [0, 1]."""
+
+    def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]: ...
+
+
+@dataclass
+class ChildResult:
+    genome_id: str
+    generation: int
+    skill: str
+    scores: dict[str, float] | None  # None: rejected (non-finite weights)
+    entered: list[str] = field(default_factory=list)
+
+
+def breed(
+    config: CampaignConfig, book: GenomeBook, archives: ArchiveSet, generation: int
+) -> list[Genome]:
+    """The children of one generation, all bred from the archives as they stand."""
+    skill = config.skill_names[generation % len(config.skills)]
+    experts = book.expert_ids()
+    mutation = config.mutation
+    scale = {"svd": mutation.w_max, "svd_expert": mutation.rate, "gaussian": mutation.sigma}.get(
+        mutation.kind, 0.0
+    )
+    children = []
+    for index in range(config.population):
+        rng = np.random.default_rng([config.seed, generation, index])
+        parents = sample_parents(archives, skill, config.sampling, rng)
+        weights = crossover_weights(rng, 2, config.crossover.mu, config.crossover.sigma)
+        children.append(
+            Genome(
+                kind="child",
+                parents=parents,
+                weights=tuple(float(w) for w in weights),
+                mutation=Mutation(
+                    kind=mutation.kind,
+                    seed=int(rng.integers(2**31)),
+                    scale=scale,
+                    expert=experts[skill] if mutation.kind == "svd_expert" else None,
+                ),
+                skill=skill,
+                generation=generation,
+            )
+        )
+    return children
+
+
+def final_genome(archives: ArchiveSet) -> Genome:
+    """Best elite of each archive merged with beta = softmax(quality)."""
+    bests = [archives[s].best() for s in archives.skill_names]
+    beta = aggregation_weights(np.array([b.quality for b in bests]))
+    return Genome(
+        kind="final",
+        parents=tuple(b.genome_id for b in bests),
+        weights=tuple(float(b) for b in beta),
+    )
+
+
+class Campaign:
+    """A campaign bound to its store, its models and an evaluator."""
+
+    def __init__(self, config: CampaignConfig, store: LocalCampaignStore, evaluator: Evaluator):
+        self.config = config
+        self.store = store
+        self.evaluator = evaluator
+        self.book = GenomeBook()
+        self.archives = ArchiveSet.for_config(config)
+        self.generation = -1  # last complete generation; 0 = seeded
+        self.history: list[ChildResult] = []
+        self._sources: dict[str, SafetensorsFolder] = {}
+        self._register_models()
+        self.materializer = Materializer(self.book, self._resolve, dtype=config.dtype)
+        self._resume()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _register_models(self) -> None:
+        models = self.config.models
+        base = SafetensorsFolder(models.base)
+        experts = {skill: SafetensorsFolder(path) for skill, path in models.experts.items()}
+        check_compatible(base, {f"expert {s!r}": f for s, f in experts.items()})
+        base_id = self.book.add(Genome(kind="base", source=str(base.folder)))
+        self._sources[base_id] = base
+        for skill in self.config.skill_names:
+            gid = self.book.add(
+                Genome(kind="expert", source=str(experts[skill].folder), skill=skill)
+            )
+            self._sources[gid] = experts[skill]
+
+    def _resolve(self, genome_id: str) -> SafetensorsFolder | None:
+        return self._sources.get(genome_id) or self.store.open_model(genome_id)
+
+    def _resume(self) -> None:
+        stored = self.store.read_config_text()
+        if stored is None:
+            self.store.write_config(self.config.to_yaml())
+            return
+        import yaml
+
+        previous = parse_config(yaml.safe_load(stored), source=str(self.store.root / "config.yaml"))
+        if previous.model_dump(exclude={"generations"}) != self.config.model_dump(
+            exclude={"generations"}
+        ):
+            raise ConfigError(
+                f"{self.store.root} holds campaign {previous.name!r} with a different config; "
+                "only `generations` may change on resume. Use a new run folder for a new config."
+            )
+        self.store.write_config(self.config.to_yaml())
+        latest = self.store.latest_generation()
+        if latest is None:
+            return
+        snapshot = self.store.read_snapshot(latest)
+        self.book = GenomeBook()
+        self.book.load_list(snapshot["genomes"])
+        self._sources = {
+            gid: self._sources[gid]
+            for gid in (self.book.base_id(), *self.book.expert_ids().values())
+        }
+        self.materializer.book = self.book
+        self.archives.load_dict(snapshot["archives"])
+        self.generation = latest
+        log.info("resumed campaign %s at generation %d", self.config.name, latest)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def evaluate(self, genome_id: str) -> dict[str, float] | None:
+        """Materialise and score; None when the weights are not finite (the child is rejected)."""
+        try:
+            return self._score(genome_id)
+        except NonFiniteWeightsError as exc:
+            log.warning("%s", exc)
+            self.store.delete_model(genome_id)
+            return None
+
+    def _score(self, genome_id: str) -> dict[str, float]:
+        if self.book.linear_form(genome_id) is None and self._resolve(genome_id) is None:
+            # Off the experts' span: keep the weights, a future child may need them.
+            self.store.write_model(
+                genome_id, self.materializer.specs(), self.materializer.tensors(genome_id)
+            )
+            stored = self.store.open_model(genome_id)
+            return self.evaluator.evaluate(genome_id, ((n, stored.get(n)) for n in stored.names()))
+        return self.evaluator.evaluate(genome_id, self.materializer.tensors(genome_id))
+
+    def seed(self) -> None:
+        """Generation 0: every expert, scored on every skill, offered to every archive."""
+        if self.generation >= 0:
+            return
+        for skill, gid in self.book.expert_ids().items():
+            try:
+                scores = self._score(gid)
+            except NonFiniteWeightsError as exc:
+                raise NonFiniteWeightsError(
+                    f"expert {skill!r} ({self.book[gid].source}) cannot seed the archives: {exc}"
+                ) from None
+            entered = self.archives.offer(gid, scores)
+            self.history.append(ChildResult(gid, 0, skill, scores, entered))
+        self._commit(0)
+
+    def step(self) -> list[ChildResult]:
+        generation = self.generation + 1
+        results = []
+        children = breed(self.config, self.book, self.archives, generation)
+        for child in children:
+            gid = self.book.add(child)
+            scores = self.evaluate(gid)
+            entered = self.archives.offer(gid, scores) if scores is not None else []
+            results.append(ChildResult(gid, generation, child.skill, scores, entered))
+        self.history.extend(results)
+        self._commit(generation)
+        return results
+
+    def run(self, on_generation: Callable[[int, list[ChildResult]], None] | None = None) -> None:
+        self.seed()
+        while self.generation < self.config.generations:
+            results = self.step()
+            if on_generation:
+                on_generation(self.generation, results)
+
+    def finalize(self) -> tuple[str, dict[str, float] | None]:
+        genome = final_genome(self.archives)
+        gid = self.book.add(genome)
+        return gid, self.evaluate(gid)
+
+    def export(self, genome_id: str, extra_files: dict[str, str] | None = None) -> str:
+        """Write a genome's full weights to the store's exports; returns their sha256."""
+        return self.store.write_model(
+            genome_id,
+            self.materializer.specs(),
+            self.materializer.tensors(genome_id),
+            extra_files=extra_files,
+            area="exports",
+        )
+
+    def _commit(self, generation: int) -> None:
+        snapshot = {
+            "campaign": self.config.name,
+            "generation": generation,
+            "archives": self.archives.to_dict(),
+            "genomes": self.book.to_list(),
+        }
+        self.store.write_snapshot(generation, snapshot)
+        self.generation = generation
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Drop stored weights that no archive references: nothing will read them again.
+        That includes leftovers of a crash between a write and its snapshot."""
+        keep = self.archives.genome_ids()
+        for gid in self.store.stored_models():
+            if gid not in keep:
+                self.store.delete_model(gid)

@@ -1,0 +1,166 @@
+"""`cycleqd ...`: the command line. Errors a user can fix print one message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from cycleqd.errors import CycleQDError
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cycleqd import tiny
+    from cycleqd.campaign import Campaign
+    from cycleqd.config import load_config, parse_config
+    from cycleqd.genome import Genome
+    from cycleqd.state import LocalCampaignStore
+
+    workdir = Path(args.workdir)
+    if args.config:
+        config = load_config(args.config)
+    else:
+        models_dir = workdir / "world"
+        if not (models_dir / "base" / "config.json").exists():
+            print(f"building the tiny probe world in {models_dir} ...", flush=True)
+            models = tiny.build_world(models_dir)
+        else:
+            models = {
+                "base": str(models_dir / "base"),
+                "experts": {s: str(models_dir / f"expert-{s}") for s in tiny.SKILLS},
+            }
+        config = parse_config(tiny.default_config(models), source="embedded tiny config")
+    if args.generations is not None:
+        config = config.model_copy(update={"generations": args.generations})
+
+    evaluator = tiny.ProbeEvaluator(dict(config.models.experts))
+    store = LocalCampaignStore(workdir / "campaign")
+    campaign = Campaign(config, store, evaluator)
+    start = campaign.generation
+    if start >= 0:
+        print(f"resuming campaign {config.name!r} after generation {start}")
+    started = time.perf_counter()
+
+    def progress(generation: int, results) -> None:
+        for r in results:
+            scores = " ".join(f"{k}={v:.3f}" for k, v in (r.scores or {}).items()) or "rejected"
+            entered = ",".join(r.entered) or "-"
+            print(
+                f"gen {generation:4d}/{config.generations}  q={r.skill:<10} {scores}  "
+                f"entered: {entered}",
+                flush=True,
+            )
+
+    campaign.run(progress)
+    final_id, final_scores = campaign.finalize()
+    sha = campaign.export(final_id, {"genome.json": json.dumps(campaign.book[final_id].to_dict())})
+    elapsed = time.perf_counter() - started
+
+    skills = config.skill_names
+    print(
+        f"\ncampaign {config.name!r}: {campaign.generation} generations "
+        f"({campaign.generation - max(start, 0)} this run, {elapsed:.1f} s)"
+    )
+    header = f"{'model':<22}" + "".join(f"{s:>12}" for s in skills) + f"{'mean':>10}"
+    print(header)
+    print("-" * len(header))
+    experts = campaign.book.expert_ids()
+    for skill, gid in experts.items():
+        _row(f"expert {skill}", campaign.evaluate(gid), skills)
+    average = Genome(
+        kind="final",
+        parents=tuple(experts.values()),
+        weights=tuple(1 / len(experts) for _ in experts),
+    )
+    _row("average of experts", campaign.evaluate(campaign.book.add(average)), skills)
+    if final_scores:
+        _row("final merge", final_scores, skills)
+    print(
+        "\narchive fill: "
+        + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
+    )
+    print(f"final model: {store.model_dir(final_id, 'exports')} (sha256 {sha[:12]}...)")
+    return 0
+
+
+def _row(label: str, scores: dict[str, float], skills: list[str]) -> None:
+    mean = sum(scores[s] for s in skills) / len(skills)
+    print(f"{label:<22}" + "".join(f"{scores[s]:>12.3f}" for s in skills) + f"{mean:>10.3f}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from cycleqd.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid campaign {config.name!r} with skills {config.skill_names}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cycleqd.state import LocalCampaignStore
+
+    store = LocalCampaignStore(args.campaign)
+    latest = store.latest_generation()
+    if latest is None:
+        raise CycleQDError(
+            f"{args.campaign}: no complete generation yet (or not a campaign folder)"
+        )
+    snapshot = store.read_snapshot(latest)
+    print(
+        f"campaign {snapshot['campaign']!r}: last complete generation {latest}, "
+        f"{len(snapshot['genomes'])} genomes"
+    )
+    for skill, entries in snapshot["archives"].items():
+        best = max(entries, key=lambda e: e["quality"]) if entries else None
+        best_text = f"best {best['quality']:.3f} ({best['genome_id']})" if best else "empty"
+        print(f"  archive {skill:<12} {len(entries):4d} elites, {best_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cycleqd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a CycleQD campaign locally on the CPU")
+    run.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
+    run.add_argument("--workdir", default="runs/tiny", help="run folder; rerun to resume")
+    run.add_argument("--generations", type=int, help="override the config's generations")
+    run.set_defaults(handler=_run)
+
+    validate = sub.add_parser("validate", help="check a campaign config")
+    validate.add_argument("config")
+    validate.set_defaults(handler=_validate)
+
+    inspect = sub.add_parser("inspect", help="summarise a campaign folder")
+    inspect.add_argument("campaign", help="the campaign folder (<workdir>/campaign)")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except CycleQDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The campaign config: one typed document, validated on load.
+
+Every validation error names the field (as a dotted path) and what is allowed, so that a
+user who mistyped a YAML key knows what to fix without reading the source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cycleqd.errors import ConfigError
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class SkillConfig(_Strict):
+    """One skill: its quality is the score in its own archive; elsewhere it is a BC axis."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    bc_min: float = 0.0
+    bc_max: float = 1.0
+    bins: int = Field(default=15, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> SkillConfig:
+        if not self.bc_min < self.bc_max:
+            raise ValueError(f"bc_min ({self.bc_min}) must be smaller than bc_max ({self.bc_max})")
+        return self
+
+
+class SamplingConfig(_Strict):
+    """Parent selection. `elite` weights elites by quality and BC (paper section 3)."""
+
+    method: Literal["elite", "uniform"] = "elite"
+    # paper: a_lo + norm(v) * (a_hi - a_lo); official: a_lo + norm(v) * a_hi (their code).
+    formula: Literal["paper", "official"] = "paper"
+    a_lo: float = Field(default=0.5, gt=0.0)
+    a_hi: float = Field(default=0.8, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> SamplingConfig:
+        if not self.a_lo < self.a_hi:
+            raise ValueError(f"a_lo ({self.a_lo}) must be smaller than a_hi ({self.a_hi})")
+        return self
+
+
+class CrossoverConfig(_Strict):
+    """Model-wise linear merge of task vectors, weights w_i ~ N(1 + mu, sigma), normalised."""
+
+    method: Literal["linear"] = "linear"
+    mu: float = 0.0
+    sigma: float = Field(default=0.01, ge=0.0)
+
+
+class MutationConfig(_Strict):
+    """How a child is perturbed after crossover.
+
+    - svd: the paper's: SVD of the child's own task vector, singular values scaled by
+      factors drawn from U[0, w_max]. Leaves the experts' span, so elites are stored as weights.
+    - svd_expert: the official code's: add U diag(r * S) V^T of the quality skill's expert task
+      vector, r ~ U[0, rate). Stays in the experts' span: children are a few coefficients.
+    - gaussian: add N(0, sigma) to every weight (seeded, regenerable).
+    - none: crossover only.
+    """
+
+    kind: Literal["svd", "svd_expert", "gaussian", "none"] = "svd"
+    w_max: float = Field(default=1.5, gt=0.0)
+    rate: float = Field(default=0.1, gt=0.0)
+    sigma: float = Field(default=1e-3, gt=0.0)
+
+
+class ModelsConfig(_Strict):
+    """Where the base and the experts live: local folders of safetensors (HF layout)."""
+
+    base: str
+    experts: dict[str, str] = Field(min_length=2)
+
+
+class CampaignConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    seed: int = Field(default=0, ge=0)
+    generations: int = Field(default=30, ge=0)
+    population: int = Field(default=1, ge=1, description="children bred per generation (paper: 1)")
+    skills: list[SkillConfig] = Field(min_length=2)
+    models: ModelsConfig
+    sampling: SamplingConfig = SamplingConfig()
+    crossover: CrossoverConfig = CrossoverConfig()
+    mutation: MutationConfig = MutationConfig()
+    dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _skills_match_experts(self) -> CampaignConfig:
+        names = [s.name for s in self.skills]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"skills: duplicated skill name(s) {duplicated}")
+        unknown = sorted(set(self.models.experts) - set(names))
+        if unknown:
+            raise ValueError(
+                f"models.experts: unknown skill(s) {unknown}; allowed: the names in skills {names}"
+            )
+        missing = [n for n in names if n not in self.models.experts]
+        if missing:
+            raise ValueError(f"models.experts: no expert for skill(s) {missing}; one per skill")
+        return self
+
+    @property
+    def skill_names(self) -> list[str]:
+        return [s.name for s in self.skills]
+
+    def skill(self, name: str) -> SkillConfig:
+        for s in self.skills:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "literal_error":
+        return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field; remove it or check its spelling"
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return message if where == "(top level)" else f"{where}: {message}"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def parse_config(data: Any, source: str = "config") -> CampaignConfig:
+    """Validate a mapping into a CampaignConfig, or raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source} is invalid:\n{problems}") from None
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))

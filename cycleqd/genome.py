@@ -1,0 +1,205 @@
+"""Genomes: every model as a recipe of a few KB, with a content id.
+
+A base or expert genome points at weights. A child or final genome names its parents, the
+weights of the linear merge of their task vectors, and a seeded mutation. Weights are built
+from the recipe only where they are needed (see `materialize`).
+
+When is a recipe compact? Crossover is linear in the parents' task vectors, the official
+code's mutation adds a combination of an *expert's* SVD factors, and seeded Gaussian noise
+can be regenerated. A model bred only with those is, per tensor,
+
+    base + sum_e a_e tau_e + sum_e U_e diag(b_e) V_e^T + sum_j c_j noise_j
+
+and `linear_form` computes the coefficients. The paper's SVD mutation decomposes the child's
+own task vector, which leaves that span: such genomes have no linear form and their elites
+must be stored as weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from cycleqd.errors import GenomeError
+
+GenomeKind = Literal["base", "expert", "child", "final"]
+MutationKind = Literal["svd", "svd_expert", "gaussian", "none"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    kind: MutationKind
+    seed: int = 0
+    scale: float = 0.0  # svd: w_max; svd_expert: rate; gaussian: sigma
+    expert: str | None = None  # svd_expert: whose task vector factors are added
+
+
+@dataclass(frozen=True)
+class Genome:
+    kind: GenomeKind
+    parents: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    mutation: Mutation | None = None
+    source: str | None = None  # base/expert: where the weights are
+    skill: str | None = None  # expert: its skill; child: the quality skill it was bred for
+    generation: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind in ("base", "expert"):
+            if self.source is None or self.parents:
+                raise GenomeError(f"a {self.kind} genome needs a source and no parents")
+        else:
+            if len(self.parents) < 1 or len(self.parents) != len(self.weights):
+                raise GenomeError(
+                    f"a {self.kind} genome needs parents and one merge weight per parent, got "
+                    f"{len(self.parents)} parents and {len(self.weights)} weights"
+                )
+
+    @property
+    def id(self) -> str:
+        """Content id: the same recipe always has the same id, whoever computes it."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["parents"] = list(self.parents)
+        data["weights"] = [float(w) for w in self.weights]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Genome:
+        try:
+            mutation = data.get("mutation")
+            return cls(
+                kind=data["kind"],
+                parents=tuple(data.get("parents", ())),
+                weights=tuple(float(w) for w in data.get("weights", ())),
+                mutation=Mutation(**mutation) if mutation else None,
+                source=data.get("source"),
+                skill=data.get("skill"),
+                generation=data.get("generation"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GenomeError(f"malformed genome record {dict(data)!r}: {exc}") from None
+
+
+@dataclass
+class LinearForm:
+    """base + sum_e coeffs[e] * tau_e + sum_e svd terms + noise terms (see module doc)."""
+
+    coeffs: dict[str, float] = field(default_factory=dict)  # expert genome id -> a_e
+    # (expert genome id, seed, rate, coefficient): U_e diag(coef * r(seed) * S_e) V_e^T
+    svd_terms: list[tuple[str, int, float, float]] = field(default_factory=list)
+    # (seed, sigma, coefficient): coef * N(0, sigma)(seed)
+    noise_terms: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def scaled(self, factor: float) -> LinearForm:
+        return LinearForm(
+            {e: a * factor for e, a in self.coeffs.items()},
+            [(e, s, r, c * factor) for e, s, r, c in self.svd_terms],
+            [(s, sg, c * factor) for s, sg, c in self.noise_terms],
+        )
+
+    def add(self, other: LinearForm) -> None:
+        for e, a in other.coeffs.items():
+            self.coeffs[e] = self.coeffs.get(e, 0.0) + a
+        self.svd_terms.extend(other.svd_terms)
+        self.noise_terms.extend(other.noise_terms)
+
+
+class GenomeBook:
+    """All genomes of a campaign by id: the lineage graph."""
+
+    def __init__(self) -> None:
+        self._genomes: dict[str, Genome] = {}
+        self._linear: dict[str, LinearForm | None] = {}
+
+    def add(self, genome: Genome) -> str:
+        for parent in genome.parents:
+            if parent not in self._genomes:
+                raise GenomeError(f"genome refers to unknown parent {parent}")
+        gid = genome.id
+        self._genomes[gid] = genome
+        return gid
+
+    def __getitem__(self, gid: str) -> Genome:
+        try:
+            return self._genomes[gid]
+        except KeyError:
+            raise GenomeError(f"unknown genome {gid}") from None
+
+    def __contains__(self, gid: str) -> bool:
+        return gid in self._genomes
+
+    def __len__(self) -> int:
+        return len(self._genomes)
+
+    def items(self):
+        return self._genomes.items()
+
+    def base_id(self) -> str:
+        bases = [g for g, x in self._genomes.items() if x.kind == "base"]
+        if len(bases) != 1:
+            raise GenomeError(f"a campaign has exactly one base genome, found {len(bases)}")
+        return bases[0]
+
+    def expert_ids(self) -> dict[str, str]:
+        """skill -> expert genome id."""
+        return {x.skill: g for g, x in self._genomes.items() if x.kind == "expert" and x.skill}
+
+    def linear_form(self, gid: str) -> LinearForm | None:
+        """The compact form of a genome, or None when its lineage left the experts' span."""
+        if gid in self._linear:
+            return self._linear[gid]
+        genome = self[gid]
+        form: LinearForm | None
+        if genome.kind == "base":
+            form = LinearForm()
+        elif genome.kind == "expert":
+            form = LinearForm({gid: 1.0})
+        else:
+            form = LinearForm()
+            for parent, weight in zip(genome.parents, genome.weights, strict=True):
+                parent_form = self.linear_form(parent)
+                if parent_form is None:
+                    form = None
+                    break
+                form.add(parent_form.scaled(weight))
+            mutation = genome.mutation
+            if form is not None and mutation is not None:
+                if mutation.kind == "svd":
+                    form = None
+                elif mutation.kind == "svd_expert":
+                    form.svd_terms.append((mutation.expert, mutation.seed, mutation.scale, 1.0))
+                elif mutation.kind == "gaussian":
+                    form.noise_terms.append((mutation.seed, mutation.scale, 1.0))
+        self._linear[gid] = form
+        return form
+
+    def ancestors(self, gid: str) -> list[str]:
+        """Every genome this one descends from, nearest first, each once."""
+        seen: list[str] = []
+        frontier = list(self[gid].parents)
+        while frontier:
+            parent = frontier.pop(0)
+            if parent not in seen:
+                seen.append(parent)
+                frontier.extend(self[parent].parents)
+        return seen
+
+    def to_list(self) -> list[dict]:
+        return [{"id": g, **x.to_dict()} for g, x in self._genomes.items()]
+
+    def load_list(self, records: list[dict]) -> None:
+        for record in records:
+            genome = Genome.from_dict(record)
+            if record.get("id") not in (None, genome.id):
+                raise GenomeError(
+                    f"genome record {record.get('id')} does not match its content ({genome.id}): "
+                    "the file was edited or corrupted"
+                )
+            self.add(genome)

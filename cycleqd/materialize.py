@@ -1,0 +1,167 @@
+"""Turn a genome into weights, one tensor at a time.
+
+Peak memory stays near one output tensor plus the inputs of that tensor (the base's and the
+experts' slices), whatever the model size: nothing here holds a whole state dict. The
+consumer decides where each tensor goes (a model in memory, a streamed safetensors file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from cycleqd.errors import GenomeError, NonFiniteWeightsError
+from cycleqd.genome import GenomeBook, LinearForm
+from cycleqd.operators import gaussian_noise, is_svd_target, svd_rescale, uniform_factors
+from cycleqd.weights import SafetensorsFolder, TensorSpec
+
+# genome id -> stored weights of that genome, or None when it must be built from its recipe.
+WeightsResolver = Callable[[str], SafetensorsFolder | None]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Materializer:
+    """Builds genomes' tensors from the base, the experts and stored elites.
+
+    The SVD factors of the experts' task vectors (for the official code's mutation) are
+    computed once per tensor and kept for the life of this object: one per evaluation pod.
+    """
+
+    def __init__(
+        self,
+        book: GenomeBook,
+        resolve: WeightsResolver,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+    ):
+        self.book = book
+        self.resolve = resolve
+        self.dtype = _DTYPES[dtype]
+        self.device = torch.device(device)
+        self.base_id = book.base_id()
+        base = resolve(self.base_id)
+        if base is None:
+            raise GenomeError("the base genome has no weights to read")
+        self.base = base
+        self._factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """Names and shapes of every output tensor, in the output dtype."""
+        return {
+            name: TensorSpec(spec.shape, self.dtype if spec.dtype.is_floating_point else spec.dtype)
+            for name, spec in self.base.specs().items()
+        }
+
+    def tensors(self, genome_id: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor of the genome, checked finite."""
+        for name in self.base.names():
+            tensor = self.tensor(genome_id, name)
+            if tensor.is_floating_point():
+                if not torch.isfinite(tensor).all():
+                    raise NonFiniteWeightsError(
+                        f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is "
+                        "rejected and will not be archived"
+                    )
+                tensor = tensor.to(self.dtype)
+            yield name, tensor
+
+    def tensor(self, genome_id: str, name: str) -> torch.Tensor:
+        return self._tensor(genome_id, name, {})
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _read(
+        self, genome_id: str, name: str, memo: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        if genome_id in memo:
+            return memo[genome_id]
+        source = self.resolve(genome_id)
+        if source is None:
+            return None
+        tensor = source.get(name).to(self.device)
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        memo[genome_id] = tensor
+        return tensor
+
+    def _tensor(self, genome_id: str, name: str, memo: dict[str, torch.Tensor]) -> torch.Tensor:
+        stored = self._read(genome_id, name, memo)
+        if stored is not None:
+            return stored
+        base = self._read(self.base_id, name, memo)
+        if not base.is_floating_point():
+            return base
+        form = self.book.linear_form(genome_id)
+        if form is not None:
+            out = self._from_linear_form(form, name, base, memo)
+        else:
+            out = self._from_parents(genome_id, name, base, memo)
+        memo[genome_id] = out
+        return out
+
+    def _from_parents(
+        self, genome_id: str, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        genome = self.book[genome_id]
+        if genome.kind in ("base", "expert"):
+            raise GenomeError(f"{genome.kind} genome {genome_id} has no readable weights")
+        task_vector = torch.zeros_like(base)
+        for parent, weight in zip(genome.parents, genome.weights, strict=True):
+            task_vector += weight * (self._tensor(parent, name, memo) - base)
+        mutation = genome.mutation
+        if mutation is None or mutation.kind == "none":
+            pass
+        elif mutation.kind == "svd":
+            task_vector = svd_rescale(task_vector, name, mutation.seed, mutation.scale)
+        elif mutation.kind == "svd_expert":
+            expert_form = LinearForm(
+                svd_terms=[(mutation.expert, mutation.seed, mutation.scale, 1.0)]
+            )
+            task_vector += self._expert_svd_terms(expert_form, name, base, memo)
+        elif mutation.kind == "gaussian":
+            task_vector += gaussian_noise(
+                name, base.shape, mutation.seed, mutation.scale, self.device
+            )
+        return base + task_vector
+
+    def _from_linear_form(
+        self, form: LinearForm, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        out = base.clone()
+        for expert in sorted(form.coeffs):
+            out += form.coeffs[expert] * (self._read(expert, name, memo) - base)
+        if form.svd_terms:
+            out += self._expert_svd_terms(form, name, base, memo)
+        for seed, sigma, coeff in form.noise_terms:
+            out += coeff * gaussian_noise(name, base.shape, seed, sigma, self.device)
+        return out
+
+    def _expert_svd_terms(
+        self, form: LinearForm, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """sum_j c_j U_e diag(r_j * S_e) V_e^T, grouped by expert: one matmul per expert."""
+        if not is_svd_target(name, base):
+            return torch.zeros_like(base)
+        scales: dict[str, torch.Tensor] = {}
+        for expert, seed, rate, coeff in form.svd_terms:
+            if expert is None:
+                raise GenomeError("an svd_expert mutation must name the expert it draws from")
+            rank = min(base.shape)
+            r = coeff * uniform_factors(seed, name, rank, rate)
+            scales[expert] = scales.get(expert, 0) + r
+        out = torch.zeros_like(base)
+        for expert in sorted(scales):
+            u, s, vh = self._expert_factors(expert, name, base, memo)
+            out += (u * (s * scales[expert].to(s.device))) @ vh
+        return out
+
+    def _expert_factors(
+        self, expert: str, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (expert, name)
+        if key not in self._factors:
+            task_vector = self._read(expert, name, memo) - base
+            self._factors[key] = torch.linalg.svd(task_vector, full_matrices=False)
+        return self._factors[key]

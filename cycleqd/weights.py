@@ -1,0 +1,202 @@
+"""Safetensors model folders, read and written one tensor at a time.
+
+Reading goes through `safe_open` (memory-mapped, one tensor per call); writing streams each
+tensor's bytes after a header computed up front, so neither side ever holds a whole state
+dict. A folder is complete only once `cycleqd-manifest.json` exists: it is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cycleqd.errors import MissingTensorError, ModelMismatchError
+
+MANIFEST = "cycleqd-manifest.json"
+
+_DTYPE_CODES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _read_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size))
+
+
+class SafetensorsFolder:
+    """A model folder (HF layout: one or more *.safetensors files), opened lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise MissingTensorError(
+                f"{self.folder}: no *.safetensors files; point the config at a model folder "
+                "saved with save_pretrained(safe_serialization=True)"
+            )
+        self._file_of: dict[str, Path] = {}
+        self._specs: dict[str, TensorSpec] = {}
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name == "__metadata__":
+                    continue
+                self._file_of[name] = file
+                self._specs[name] = TensorSpec(tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of.get(name)
+        if file is None:
+            raise MissingTensorError(f"{self.folder}: tensor {name!r} is missing")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+# Fields of config.json that must agree for two checkpoints to be merged tensor by tensor.
+_ARCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def check_compatible(base: SafetensorsFolder, others: Mapping[str, SafetensorsFolder]) -> None:
+    """Every expert must have the base's tensors with the base's shapes; say which differ."""
+    base_specs, base_config = base.specs(), base.config()
+    for label, other in others.items():
+        for key in _ARCH_FIELDS:
+            if key in base_config and base_config.get(key) != other.config().get(
+                key, base_config[key]
+            ):
+                raise ModelMismatchError(
+                    f"{label} ({other.folder}): config.json {key}={other.config().get(key)!r} but "
+                    f"the base has {base_config[key]!r}; experts must be fine-tuned from the base"
+                )
+        specs = other.specs()
+        missing = sorted(set(base_specs) - set(specs))
+        extra = sorted(set(specs) - set(base_specs))
+        if missing or extra:
+            raise ModelMismatchError(
+                f"{label} ({other.folder}) does not have the base's tensors: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for name, spec in base_specs.items():
+            if specs[name].shape != spec.shape:
+                raise ModelMismatchError(
+                    f"{label} ({other.folder}): tensor {name!r} has shape {list(specs[name].shape)}"
+                    f", the base has {list(spec.shape)}"
+                )
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Stream tensors into one safetensors file; returns its sha256.
+
+    `tensors` must yield exactly the names of `specs`, in any order; the header is written
+    first from the specs, then each tensor at its offset, so memory stays at one tensor.
+    """
+    path = Path(path)
+    order = sorted(specs)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name in order:
+        spec = specs[name]
+        header[name] = {
+            "dtype": _DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    tmp = path.with_name(path.name + ".partial")
+    written: set[str] = set()
+    with tmp.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        f.truncate(start + offset)
+        for name, tensor in tensors:
+            info = header.get(name)
+            if not isinstance(info, dict) or name == "__metadata__":
+                raise MissingTensorError(f"writing {path}: unexpected tensor {name!r}")
+            spec = specs[name]
+            if tuple(tensor.shape) != spec.shape:
+                raise ModelMismatchError(
+                    f"writing {path}: {name} has shape {list(tensor.shape)}, "
+                    f"expected {list(spec.shape)}"
+                )
+            data = tensor.detach().to("cpu", spec.dtype).contiguous()
+            f.seek(start + info["data_offsets"][0])
+            if data.numel():
+                f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            written.add(name)
+    missing = sorted(set(order) - written)
+    if missing:
+        tmp.unlink()
+        raise MissingTensorError(f"writing {path}: tensors never produced: {missing[:5]}")
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def iter_tensors(source: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in source.names():
+        yield name, source.get(name)
