@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import yaml
 
 from cycleqd.archive import ArchiveSet, sample_parents
 from cycleqd.config import CampaignConfig, parse_config
@@ -100,7 +101,8 @@ class Campaign:
         self.archives = ArchiveSet.for_config(config)
         self.generation = -1  # last complete generation; 0 = seeded
         self.history: list[ChildResult] = []
-        self._sources: dict[str, SafetensorsFolder] = {}
+        self._sources: dict[str, SafetensorsFolder] = {}  # base and experts
+        self._stored: dict[str, SafetensorsFolder] = {}  # open handles on stored elites
         self._register_models()
         self.materializer = Materializer(self.book, self._resolve, dtype=config.dtype)
         self._resume()
@@ -121,15 +123,18 @@ class Campaign:
             self._sources[gid] = experts[skill]
 
     def _resolve(self, genome_id: str) -> SafetensorsFolder | None:
-        return self._sources.get(genome_id) or self.store.open_model(genome_id)
+        source = self._sources.get(genome_id) or self._stored.get(genome_id)
+        if source is None and self.book[genome_id].kind in ("child", "final"):
+            source = self.store.open_model(genome_id)
+            if source is not None:
+                self._stored[genome_id] = source
+        return source
 
     def _resume(self) -> None:
         stored = self.store.read_config_text()
         if stored is None:
             self.store.write_config(self.config.to_yaml())
             return
-        import yaml
-
         previous = parse_config(yaml.safe_load(stored), source=str(self.store.root / "config.yaml"))
         if previous.model_dump(exclude={"generations"}) != self.config.model_dump(
             exclude={"generations"}
@@ -162,6 +167,7 @@ class Campaign:
             return self._score(genome_id)
         except NonFiniteWeightsError as exc:
             log.warning("%s", exc)
+            self._stored.pop(genome_id, None)
             self.store.delete_model(genome_id)
             return None
 
@@ -242,4 +248,5 @@ class Campaign:
         keep = self.archives.genome_ids()
         for gid in self.store.stored_models():
             if gid not in keep:
+                self._stored.pop(gid, None)
                 self.store.delete_model(gid)

@@ -99,19 +99,3 @@ def test_cli_reports_unknown_skill(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "models.experts: unknown skill(s) ['chess']" in err
     assert "'probe_a', 'probe_b', 'probe_c'" in err
-
-
-def test_cli_run_and_resume(tiny_world, tmp_path, capsys):
-    config = tiny.default_config(tiny_world, generations=3)
-    path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump(config))
-    workdir = str(tmp_path / "run")
-    assert main(["run", "--config", str(path), "--workdir", workdir]) == 0
-    out = capsys.readouterr().out
-    assert "gen    3/3" in out and "final merge" in out and "average of experts" in out
-    assert main(["run", "--config", str(path), "--workdir", workdir, "--generations", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "resuming campaign 'tiny' after generation 3" in out
-    assert "gen    4/5" in out and "gen    3/" not in out
-    assert main(["inspect", f"{workdir}/campaign"]) == 0
-    assert "last complete generation 5" in capsys.readouterr().out

@@ -1,0 +1,42 @@
+"""The command line as a user meets it: the embedded quick-start run, resume, inspect."""
+
+from __future__ import annotations
+
+import yaml
+
+from cycleqd import tiny
+from cycleqd.cli import main
+
+
+def test_embedded_quick_start_run(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["run", "--workdir", str(workdir), "--generations", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "building the tiny probe world" in out
+    for label in (
+        "expert probe_a",
+        "expert probe_b",
+        "expert probe_c",
+        "average of experts",
+        "final merge",
+    ):
+        assert label in out
+    exports = list((workdir / "campaign" / "exports").iterdir())
+    assert len(exports) == 1 and (exports[0] / "cycleqd-manifest.json").exists()
+    assert (workdir / "campaign" / "generations" / "000004.json").exists()
+
+
+def test_cli_run_and_resume(tiny_world, tmp_path, capsys):
+    config = tiny.default_config(tiny_world, generations=3)
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = str(tmp_path / "run")
+    assert main(["run", "--config", str(path), "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert "gen    3/3" in out and "final merge" in out and "average of experts" in out
+    assert main(["run", "--config", str(path), "--workdir", workdir, "--generations", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming campaign 'tiny' after generation 3" in out
+    assert "gen    4/5" in out and "gen    3/" not in out
+    assert main(["inspect", f"{workdir}/campaign"]) == 0
+    assert "last complete generation 5" in capsys.readouterr().out
