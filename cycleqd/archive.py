@@ -20,6 +20,8 @@ Cell = tuple[int, ...]
 def bin_index(value: float, lo: float, hi: float, n_bins: int) -> int:
     """The bin of a BC value: exactly the paper's `digitize(x, linspace(lo, hi, n+1), right=True)
     - 1`, clipped to [0, n-1] so that values outside the range land in the edge bins."""
+    if not math.isfinite(value):
+        raise ValueError(f"cannot bin a non-finite score ({value})")
     edges = np.linspace(lo, hi, n_bins + 1)
     return int(np.clip(np.digitize(value, edges, right=True) - 1, 0, n_bins - 1))
 
@@ -44,7 +46,10 @@ class Archive:
         return tuple(bin_index(scores[s.name], s.bc_min, s.bc_max, s.bins) for s in self.bc_skills)
 
     def offer(self, genome_id: str, scores: Mapping[str, float]) -> bool:
-        """Keep the candidate if its cell is empty or it is strictly better there."""
+        """Keep the candidate if its cell is empty or it is strictly better there.
+        A non-finite score (quality or BC) never enters: NaN would sit in a cell forever."""
+        if not all(math.isfinite(float(v)) for v in scores.values()):
+            return False
         quality = float(scores[self.skill])
         cell = self.cell_of(scores)
         incumbent = self.cells.get(cell)
@@ -54,6 +59,8 @@ class Archive:
         return True
 
     def best(self) -> Elite:
+        if not self.cells:
+            raise ValueError(f"archive {self.skill!r} is empty: seed it with the experts first")
         # Ties go to the lowest cell so that the choice never depends on insertion order.
         return max(sorted(self.cells.items()), key=lambda item: item[1].quality)[1]
 

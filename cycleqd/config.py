@@ -7,7 +7,7 @@ user who mistyped a YAML key knows what to fix without reading the source.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -126,6 +126,21 @@ class CampaignConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a location of the config (for unknown-field errors)."""
+    model: type[BaseModel] = CampaignConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        inner = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type)]
+        models = [a for a in inner if issubclass(a, BaseModel)]
+        if not models:
+            return []
+        model = models[0]
+    return list(model.model_fields)
+
+
 def _describe(error: dict[str, Any]) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "(top level)"
     kind = error["type"]
@@ -133,7 +148,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
     if kind == "extra_forbidden":
-        return f"{where}: unknown field; remove it or check its spelling"
+        allowed = ", ".join(_fields_at(error["loc"][:-1]))
+        return f"{where}: unknown field; allowed here: {allowed}"
     if kind == "missing":
         return f"{where}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")

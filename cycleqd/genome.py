@@ -21,12 +21,14 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from cycleqd.errors import GenomeError
 
 GenomeKind = Literal["base", "expert", "child", "final"]
 MutationKind = Literal["svd", "svd_expert", "gaussian", "none"]
+GENOME_KINDS: tuple[str, ...] = get_args(GenomeKind)
+MUTATION_KINDS: tuple[str, ...] = get_args(MutationKind)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,12 @@ class Mutation:
     seed: int = 0
     scale: float = 0.0  # svd: w_max; svd_expert: rate; gaussian: sigma
     expert: str | None = None  # svd_expert: whose task vector factors are added
+
+    def __post_init__(self) -> None:
+        if self.kind not in MUTATION_KINDS:
+            raise GenomeError(f"unknown mutation kind {self.kind!r}; allowed: {MUTATION_KINDS}")
+        if self.kind == "svd_expert" and not self.expert:
+            raise GenomeError("an svd_expert mutation must name the expert it draws from")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ class Genome:
     generation: int | None = None
 
     def __post_init__(self) -> None:
+        if self.kind not in GENOME_KINDS:
+            raise GenomeError(f"unknown genome kind {self.kind!r}; allowed: {GENOME_KINDS}")
         if self.kind in ("base", "expert"):
             if self.source is None or self.parents:
                 raise GenomeError(f"a {self.kind} genome needs a source and no parents")
