@@ -115,7 +115,7 @@ def check_key(key: str, *, what: str = "key") -> str:
             if segment == "":
                 problem = "it has an empty segment ('//' or a trailing '/')"
             elif segment in (".", ".."):
-                problem = f"it has a {segment!r} segment, which would leave the store's prefix"
+                problem = "'.' and '..' segments are not allowed (they could leave the prefix)"
             elif _TMP_MARK in segment:
                 problem = f"{_TMP_MARK!r} is reserved for temporary files"
             if problem:
@@ -131,10 +131,6 @@ def check_prefix(prefix: str) -> str:
         return prefix
     check_key(prefix[:-1] if prefix.endswith("/") else prefix, what="prefix")
     return prefix
-
-
-def join_key(*parts: str) -> str:
-    return check_key("/".join(p.strip("/") for p in parts if p.strip("/")))
 
 
 # -- the interface -------------------------------------------------------------------------------
@@ -248,7 +244,13 @@ class LocalObjectStore(ObjectStore):
     def _write(self, key: str, fill: Callable[[object], str]) -> str:
         """Write through `fill(file) -> sha256` into a temp file, then rename onto the key."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(
+                f"cannot store {key!r} in {self.uri}: a part of its folder path is an object "
+                "(a local store cannot hold both 'a' and 'a/b')"
+            ) from None
         if path.is_dir():
             raise StoreError(f"{path} is a folder; cannot store an object under key {key!r}")
         tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
@@ -402,7 +404,6 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "RequestTimeout",
-    "RequestTimeTooSkewed",
     "ServiceUnavailable",
     "InternalError",
     "NoSuchUpload",
@@ -570,7 +571,7 @@ class S3ObjectStore(ObjectStore):
 
         if isinstance(exc, StoreError):
             return exc
-        where = f"s3://{self.bucket}/{self._full(key)}" if key else self.uri
+        where = f"{self.uri}/{key}" if key else self.uri
         if type(exc).__name__ == "S3UploadFailedError" and isinstance(exc.__context__, Exception):
             exc = exc.__context__  # boto3 wraps the ClientError of an upload in a string
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
@@ -653,22 +654,25 @@ class S3ObjectStore(ObjectStore):
             raise self._translate(exc, key, action) from None
 
     def _read_body(self, action: str, key: str, **kwargs) -> tuple[bytes, dict]:
-        """GET and read the body. botocore retries the request; a body cut off mid-stream
-        (which botocore does not retry) is fetched again, 3 tries in all."""
+        """GET and read the body. botocore retries the request itself; a body cut off
+        mid-stream (which botocore does not retry) is requested again, 3 tries in all."""
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
         full = self._full(key)
 
-        def get():
-            response = self._client.get_object(Bucket=self.bucket, Key=full, **kwargs)
-            return response["Body"].read(), response
+        def get() -> tuple[bytes, dict]:
+            for attempt in range(3):
+                response = self._client.get_object(Bucket=self.bucket, Key=full, **kwargs)
+                try:
+                    return response["Body"].read(), response
+                except (BotoConnectionError, HTTPClientError):
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2 * 2**attempt)
+            raise AssertionError("unreachable")
 
-        for attempt in range(3):
-            try:
-                return self._call(action, key, get)
-            except StoreError as exc:
-                if not exc.transient or attempt == 2:
-                    raise
-                time.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")
+        return self._call(action, key, get)
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -717,7 +721,9 @@ class S3ObjectStore(ObjectStore):
             keys = []
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
-                keys.extend(item["Key"][len(base) :] for item in page.get("Contents", []))
+                for item in page.get("Contents", []):
+                    if not item["Key"].endswith("/"):  # folder markers of other tools
+                        keys.append(item["Key"][len(base) :])
             return keys
 
         return sorted(self._call("list", prefix or None, run))
@@ -848,7 +854,11 @@ def publish_model(
             raise StoreError(f"publish_model: {MANIFEST} is written by publish_model itself")
         if not Path(path).is_file():
             raise StoreError(f"publish_model({prefix!r}): {name} -> {path} is not a file")
-    store.delete(f"{prefix}/{MANIFEST}")
+    try:
+        json.dumps(dict(metadata or {}))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"publish_model({prefix!r}): metadata is not JSON: {exc}") from None
+    store.delete(f"{prefix}/{MANIFEST}")  # invisible from here until the new manifest is in
     for key in store.list(f"{prefix}/"):
         if key[len(prefix) + 1 :] not in files:
             store.delete(key)  # a leftover of an earlier version of this folder
@@ -863,7 +873,8 @@ def publish_model(
 
 
 def read_manifest(store: ObjectStore, prefix: str) -> dict | None:
-    """The model folder's manifest, or None if the folder is not (yet) published."""
+    """The model folder's manifest; None if the folder is not (yet) published or the manifest
+    is unreadable (corrupted: the folder counts as unpublished and is published again)."""
     prefix = check_key(prefix.strip("/"), what="model prefix")
     try:
         manifest = json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))
@@ -884,7 +895,7 @@ def model_is_complete(store: ObjectStore, prefix: str) -> bool:
     for name, sha in manifest["files"].items():
         try:
             info = store.stat(f"{prefix}/{name}")
-        except StoreNotFoundError:
+        except (StoreNotFoundError, InvalidKeyError):
             return False
         if name in sizes and info.size != sizes[name]:
             return False
