@@ -22,8 +22,9 @@ from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
 from cycleqd.materialize import Materializer
+from cycleqd.objectstore import RemoteSafetensors
 from cycleqd.operators import aggregation_weights, crossover_weights
-from cycleqd.state import LocalCampaignStore
+from cycleqd.state import CampaignStore
 from cycleqd.weights import SafetensorsFolder, check_compatible
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def final_genome(archives: ArchiveSet) -> Genome:
 class Campaign:
     """A campaign bound to its store, its models and an evaluator."""
 
-    def __init__(self, config: CampaignConfig, store: LocalCampaignStore, evaluator: Evaluator):
+    def __init__(self, config: CampaignConfig, store: CampaignStore, evaluator: Evaluator):
         self.config = config
         self.store = store
         self.evaluator = evaluator
@@ -102,10 +103,26 @@ class Campaign:
         self.generation = -1  # last complete generation; 0 = seeded
         self.history: list[ChildResult] = []
         self._sources: dict[str, SafetensorsFolder] = {}  # base and experts
-        self._stored: dict[str, SafetensorsFolder] = {}  # open handles on stored elites
+        # open handles on stored elites
+        self._stored: dict[str, SafetensorsFolder | RemoteSafetensors] = {}
         self._register_models()
         self.materializer = Materializer(self.book, self._resolve, dtype=config.dtype)
-        self._resume()
+        self.store.acquire()  # one writer per campaign; fails fast naming the holder
+        try:
+            self._resume()
+        except BaseException:
+            self.store.release()
+            raise
+
+    def close(self) -> None:
+        """Give the campaign's lease back; another run may then resume it."""
+        self.store.release()
+
+    def __enter__(self) -> Campaign:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -122,7 +139,7 @@ class Campaign:
             )
             self._sources[gid] = experts[skill]
 
-    def _resolve(self, genome_id: str) -> SafetensorsFolder | None:
+    def _resolve(self, genome_id: str) -> SafetensorsFolder | RemoteSafetensors | None:
         source = self._sources.get(genome_id) or self._stored.get(genome_id)
         if source is None and self.book[genome_id].kind in ("child", "final"):
             source = self.store.open_model(genome_id)
@@ -135,12 +152,12 @@ class Campaign:
         if stored is None:
             self.store.write_config(self.config.to_yaml())
             return
-        previous = parse_config(yaml.safe_load(stored), source=str(self.store.root / "config.yaml"))
+        previous = parse_config(yaml.safe_load(stored), source=f"{self.store.uri}/config.yaml")
         if previous.model_dump(exclude={"generations"}) != self.config.model_dump(
             exclude={"generations"}
         ):
             raise ConfigError(
-                f"{self.store.root} holds campaign {previous.name!r} with a different config; "
+                f"{self.store.uri} holds campaign {previous.name!r} with a different config; "
                 "only `generations` may change on resume. Use a new run folder for a new config."
             )
         self.store.write_config(self.config.to_yaml())
@@ -238,6 +255,7 @@ class Campaign:
             "archives": self.archives.to_dict(),
             "genomes": self.book.to_list(),
         }
+        self.store.renew()  # refuses to write if another run took the lease over
         self.store.write_snapshot(generation, snapshot)
         self.generation = generation
         self._collect_garbage()

@@ -23,8 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     from cycleqd import tiny
     from cycleqd.campaign import Campaign
     from cycleqd.config import load_config, parse_config
-    from cycleqd.genome import Genome
-    from cycleqd.state import LocalCampaignStore
+    from cycleqd.state import CampaignStore
 
     workdir = Path(args.workdir)
     if args.config:
@@ -44,8 +43,14 @@ def _run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"generations": args.generations})
 
     evaluator = tiny.ProbeEvaluator(dict(config.models.experts))
-    store = LocalCampaignStore(workdir / "campaign")
-    campaign = Campaign(config, store, evaluator)
+    store = CampaignStore(args.store or workdir / "campaign")
+    with Campaign(config, store, evaluator) as campaign:
+        return _run_campaign(campaign, config, store)
+
+
+def _run_campaign(campaign, config, store) -> int:
+    from cycleqd.genome import Genome
+
     start = campaign.generation
     if start >= 0:
         print(f"resuming campaign {config.name!r} after generation {start}")
@@ -89,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         "\narchive fill: "
         + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
     )
-    print(f"final model: {store.model_dir(final_id, 'exports')} (sha256 {sha[:12]}...)")
+    print(f"final model: {store.model_uri(final_id, 'exports')} (sha256 {sha[:12]}...)")
     return 0
 
 
@@ -107,9 +112,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from cycleqd.state import LocalCampaignStore
+    from cycleqd.state import CampaignStore
 
-    store = LocalCampaignStore(args.campaign)
+    store = CampaignStore(args.campaign)
     latest = store.latest_generation()
     if latest is None:
         raise CycleQDError(
@@ -136,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
     run.add_argument("--workdir", default="runs/tiny", help="run folder; rerun to resume")
     run.add_argument("--generations", type=int, help="override the config's generations")
+    run.add_argument(
+        "--store", help="campaign store URI (s3://bucket/prefix or a folder); default: in workdir"
+    )
     run.set_defaults(handler=_run)
 
     validate = sub.add_parser("validate", help="check a campaign config")
@@ -143,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     inspect = sub.add_parser("inspect", help="summarise a campaign folder")
-    inspect.add_argument("campaign", help="the campaign folder (<workdir>/campaign)")
+    inspect.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
     inspect.set_defaults(handler=_inspect)
     return parser
 

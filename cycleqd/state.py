@@ -1,84 +1,206 @@
-"""Campaign state in a local folder: config, genomes, archives per generation, elite weights.
+"""Campaign state in an object store (a local folder or S3): config, genomes, archives per
+generation, elite weights, and a lease that admits one writer at a time.
 
-Layout under the campaign root:
+Keys under the campaign's store:
     config.yaml                       the campaign's config, fixed at creation
     generations/000012.json           archives + genomes after generation 12 (never rewritten)
     LATEST                            number of the last complete generation (written last)
+    lease.json                        who writes this campaign, until when
     models/<genome id>/               elite weights breeding reads (+ manifest, written last)
     exports/<genome id>/              exported models (final merges)
 
-Every file is written to a temporary name and renamed, so a crash leaves either the old
-state or the new one, never half of it. (S3 behind the same interface: issue 3.)
+Objects are written whole (S3 PUTs, atomic renames locally), so a crash leaves either the old
+state or the new one, never half of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
+import tempfile
+import time
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cycleqd.errors import CycleQDError
+from cycleqd.objectstore import (
+    LocalObjectStore,
+    ObjectStore,
+    RemoteSafetensors,
+    StoreNotFoundError,
+    open_store,
+    publish_model,
+)
 from cycleqd.weights import MANIFEST, SafetensorsFolder, TensorSpec, write_safetensors
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+AREAS = ("models", "exports")
 
 
-class LocalCampaignStore:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+class CampaignLockedError(CycleQDError):
+    """Another run holds the campaign's lease."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str
+    host: str
+    pid: int
+    expires_at: float
+
+
+class CampaignStore:
+    """One campaign's state under a store URI (`s3://bucket/campaigns/x` or a folder)."""
+
+    def __init__(self, store: ObjectStore | str | Path):
+        self.store = store if isinstance(store, ObjectStore) else open_store(store)
+        self._lease_owner: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
 
     # -- config and snapshots ------------------------------------------------------------------
 
     def write_config(self, yaml_text: str) -> None:
-        _atomic_write(self.root / "config.yaml", yaml_text)
+        self.store.put_bytes("config.yaml", yaml_text.encode())
 
     def read_config_text(self) -> str | None:
-        path = self.root / "config.yaml"
-        return path.read_text() if path.exists() else None
+        try:
+            return self.store.get_bytes("config.yaml").decode()
+        except StoreNotFoundError:
+            return None
 
     def latest_generation(self) -> int | None:
-        path = self.root / "LATEST"
-        if not path.exists():
+        try:
+            text = self.store.get_bytes("LATEST").decode()
+        except StoreNotFoundError:
             return None
         try:
-            return int(path.read_text().strip())
+            return int(text.strip())
         except ValueError:
-            raise CycleQDError(f"{path} is corrupted: expected a generation number") from None
+            raise CycleQDError(
+                f"{self.uri}/LATEST is corrupted ({text[:40]!r}): expected a generation number"
+            ) from None
 
     def write_snapshot(self, generation: int, snapshot: dict) -> None:
-        path = self.root / "generations" / f"{generation:06d}.json"
-        _atomic_write(path, json.dumps(snapshot, indent=1, sort_keys=True))
-        _atomic_write(self.root / "LATEST", f"{generation}\n")
+        """Write generation's snapshot, then move LATEST to it.
+
+        A snapshot is never overwritten with other content: a rerun after a crash between the
+        two writes produces the same bytes (runs are deterministic), anything else is a bug or
+        a second writer, and is refused.
+        """
+        key = f"generations/{generation:06d}.json"
+        data = json.dumps(snapshot, indent=1, sort_keys=True).encode()
+        try:
+            existing = self.store.get_bytes(key)
+        except StoreNotFoundError:
+            existing = None
+        if existing is None:
+            self.store.put_bytes(key, data)
+        elif existing != data:
+            raise CycleQDError(
+                f"{self.uri}/{key} already exists with other content; snapshots are never "
+                "overwritten. Was the campaign's config or code changed mid-campaign?"
+            )
+        self.store.put_bytes("LATEST", f"{generation}\n".encode())
 
     def read_snapshot(self, generation: int) -> dict:
-        path = self.root / "generations" / f"{generation:06d}.json"
+        key = f"generations/{generation:06d}.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CycleQDError(f"cannot read campaign snapshot {path}: {exc}") from None
+            snapshot = json.loads(self.store.get_bytes(key))
+        except (StoreNotFoundError, ValueError) as exc:
+            raise CycleQDError(f"cannot read campaign snapshot {self.uri}/{key}: {exc}") from None
+        if not isinstance(snapshot, dict) or not {"archives", "genomes"} <= set(snapshot):
+            raise CycleQDError(f"{self.uri}/{key} is not a campaign snapshot")
+        return snapshot
+
+    # -- the single-writer lease ---------------------------------------------------------------
+
+    def acquire(self, ttl: float = 3600.0, settle: float = 0.2) -> None:
+        """Take the campaign's lease or fail fast, naming who holds it.
+
+        Object stores offer no portable compare-and-swap, so the lease is written, then read
+        back after `settle` seconds: of two runs racing for it, the one whose token is read
+        back wins and the other fails. A dead run's lease expires after `ttl` seconds; every
+        committed generation renews it.
+        """
+        current = self.read_lease()
+        owner = self._lease_owner or uuid.uuid4().hex
+        if current and current.owner != owner and current.expires_at > time.time():
+            raise CampaignLockedError(self._locked_message(current))
+        self._write_lease(owner, ttl)
+        time.sleep(settle)
+        current = self.read_lease()
+        if current is None or current.owner != owner:
+            raise CampaignLockedError(self._locked_message(current))
+        self._lease_owner = owner
+
+    def renew(self, ttl: float = 3600.0) -> None:
+        if self._lease_owner is None:
+            return
+        current = self.read_lease()
+        if current is None or current.owner != self._lease_owner:
+            raise CampaignLockedError(
+                f"lost the lease on {self.uri}: " + self._locked_message(current)
+            )
+        self._write_lease(self._lease_owner, ttl)
+
+    def release(self) -> None:
+        if self._lease_owner is None:
+            return
+        current = self.read_lease()
+        if current is not None and current.owner == self._lease_owner:
+            self.store.delete("lease.json")
+        self._lease_owner = None
+
+    def read_lease(self) -> Lease | None:
+        try:
+            data = json.loads(self.store.get_bytes("lease.json"))
+            return Lease(str(data["owner"]), str(data["host"]), int(data["pid"]),
+                         float(data["expires_at"]))
+        except StoreNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            return None  # an unreadable lease protects nothing; the next writer replaces it
+
+    def _write_lease(self, owner: str, ttl: float) -> None:
+        lease = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                 "expires_at": time.time() + ttl}
+        self.store.put_bytes("lease.json", json.dumps(lease).encode())
+
+    def _locked_message(self, lease: Lease | None) -> str:
+        if lease is None:
+            return f"another run took {self.uri} at the same time; retry in a moment"
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.expires_at))
+        return (
+            f"campaign {self.uri} is being written by another run (host {lease.host}, pid "
+            f"{lease.pid}) until {until}. Wait for it to finish; if it died, its lease expires "
+            "then, or delete lease.json from the campaign to take over now."
+        )
 
     # -- weights -------------------------------------------------------------------------------
 
-    def model_dir(self, genome_id: str, area: str = "models") -> Path:
-        """`models` holds elites that breeding reads; `exports` holds final models."""
-        return self.root / area / genome_id
+    def model_uri(self, genome_id: str, area: str = "models") -> str:
+        return f"{self.uri.rstrip('/')}/{area}/{genome_id}"
 
     def has_model(self, genome_id: str, area: str = "models") -> bool:
-        return (self.model_dir(genome_id, area) / MANIFEST).exists()
+        return self.store.exists(f"{_area(area)}/{genome_id}/{MANIFEST}")
 
-    def open_model(self, genome_id: str, area: str = "models") -> SafetensorsFolder | None:
+    def open_model(
+        self, genome_id: str, area: str = "models"
+    ) -> SafetensorsFolder | RemoteSafetensors | None:
+        """Stored weights, read tensor by tensor (memory-mapped locally, ranged GETs on S3)."""
         if not self.has_model(genome_id, area):
             return None
-        return SafetensorsFolder(self.model_dir(genome_id, area))
+        prefix = f"{_area(area)}/{genome_id}"
+        if isinstance(self.store, LocalObjectStore):
+            return SafetensorsFolder(Path(self.store.root) / prefix)
+        return RemoteSafetensors(self.store, prefix)
 
     def write_model(
         self,
@@ -88,24 +210,31 @@ class LocalCampaignStore:
         extra_files: dict[str, str] | None = None,
         area: str = "models",
     ) -> str:
-        """Stream a model into <area>/<id>/; visible (manifest) only once complete."""
-        folder = self.model_dir(genome_id, area)
-        if folder.exists():
-            shutil.rmtree(folder)  # a leftover of a crashed write: no manifest, not visible
-        folder.mkdir(parents=True)
-        sha = write_safetensors(folder / "model.safetensors", specs, tensors, {"genome": genome_id})
-        for name, text in (extra_files or {}).items():
-            (folder / name).write_text(text)
-        manifest = {"genome": genome_id, "files": {"model.safetensors": sha}}
-        _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1))
+        """Stream a model into <area>/<id>/; visible (manifest) only once complete.
+        Returns the sha256 of its weights file."""
+        with tempfile.TemporaryDirectory(prefix="cycleqd-model-") as tmp:
+            files = {"model.safetensors": Path(tmp) / "model.safetensors"}
+            sha = write_safetensors(files["model.safetensors"], specs, tensors,
+                                    {"genome": genome_id})
+            for name, text in (extra_files or {}).items():
+                files[name] = Path(tmp) / name
+                files[name].write_text(text)
+            publish_model(self.store, f"{_area(area)}/{genome_id}", files,
+                          {"genome": genome_id})
         return sha
 
-    def stored_models(self) -> list[str]:
-        folder = self.root / "models"
-        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    def stored_models(self, area: str = "models") -> list[str]:
+        prefix = f"{_area(area)}/"
+        return sorted({key[len(prefix):].split("/", 1)[0] for key in self.store.list(prefix)})
 
-    def delete_model(self, genome_id: str) -> None:
+    def delete_model(self, genome_id: str, area: str = "models") -> None:
         # The manifest goes first, so that a crash mid-delete leaves an invisible folder.
-        folder = self.model_dir(genome_id)
-        (folder / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        prefix = f"{_area(area)}/{genome_id}"
+        self.store.delete(f"{prefix}/{MANIFEST}")
+        self.store.delete_prefix(f"{prefix}/")
+
+
+def _area(area: str) -> str:
+    if area not in AREAS:
+        raise ValueError(f"unknown model area {area!r}; allowed: {AREAS}")
+    return area

@@ -14,7 +14,7 @@ from cycleqd.campaign import Campaign
 from cycleqd.cli import main
 from cycleqd.config import parse_config
 from cycleqd.errors import MissingTensorError, ModelMismatchError, NonFiniteWeightsError
-from cycleqd.state import LocalCampaignStore
+from cycleqd.state import CampaignStore
 
 
 def _copy_expert(world: dict, skill: str, dest) -> str:
@@ -32,7 +32,7 @@ def _edit(folder: str, edit) -> None:
 def _campaign_with(world, evaluator, root, skill, folder) -> Campaign:
     experts = dict(world["experts"], **{skill: folder})
     config = parse_config(tiny.default_config({"base": world["base"], "experts": experts}))
-    return Campaign(config, LocalCampaignStore(root / "campaign"), evaluator)
+    return Campaign(config, CampaignStore(root / "campaign"), evaluator)
 
 
 def test_expert_with_other_shape(tiny_world, probe_evaluator, tmp_path):

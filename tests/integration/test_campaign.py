@@ -12,8 +12,7 @@ from cycleqd.campaign import Campaign, breed
 from cycleqd.config import parse_config
 from cycleqd.genome import Genome, Mutation
 from cycleqd.materialize import Materializer
-from cycleqd.state import LocalCampaignStore
-from cycleqd.weights import SafetensorsFolder
+from cycleqd.state import CampaignStore
 
 
 def _config(world: dict, **overrides) -> dict:
@@ -23,7 +22,7 @@ def _config(world: dict, **overrides) -> dict:
 
 
 def _campaign(world, evaluator, root, **overrides) -> Campaign:
-    return Campaign(parse_config(_config(world, **overrides)), LocalCampaignStore(root), evaluator)
+    return Campaign(parse_config(_config(world, **overrides)), CampaignStore(root), evaluator)
 
 
 def _full(folder: str) -> dict[str, torch.Tensor]:
@@ -137,6 +136,7 @@ def test_resume_equals_uninterrupted(tiny_world, probe_evaluator, tmp_path):
     whole.run()
     part = _campaign(tiny_world, probe_evaluator, tmp_path / "part", generations=4)
     part.run()
+    part.close()
     resumed = _campaign(tiny_world, probe_evaluator, tmp_path / "part", generations=8)
     assert resumed.generation == 4
     resumed.run()
@@ -145,7 +145,8 @@ def test_resume_equals_uninterrupted(tiny_world, probe_evaluator, tmp_path):
 
 
 def test_resume_refuses_a_changed_config(tiny_world, probe_evaluator, tmp_path):
-    _campaign(tiny_world, probe_evaluator, tmp_path, generations=1).run()
+    with _campaign(tiny_world, probe_evaluator, tmp_path, generations=1) as campaign:
+        campaign.run()
     with pytest.raises(Exception, match="only `generations` may change"):
         _campaign(tiny_world, probe_evaluator, tmp_path, generations=1, seed=9)
 
@@ -185,7 +186,7 @@ def test_final_model_is_softmax_merge_of_best_elites(tiny_world, probe_evaluator
     np.testing.assert_allclose(final.weights, np.exp(q) / np.exp(q).sum())
     assert scores is not None
     sha = campaign.export(gid)
-    exported = SafetensorsFolder(campaign.store.model_dir(gid, "exports"))
+    exported = campaign.store.open_model(gid, "exports")
     name = "lm_head.weight"
     assert torch.equal(exported.get(name), campaign.materializer.tensor(gid, name))
     assert len(sha) == 64
