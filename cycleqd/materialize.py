@@ -7,6 +7,7 @@ consumer decides where each tensor goes (a model in memory, a streamed safetenso
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import torch
@@ -35,6 +36,7 @@ class Materializer:
         resolve: WeightsResolver,
         dtype: str = "float32",
         device: str | torch.device = "cpu",
+        factor_cache_bytes: int = 8 << 30,
     ):
         self.book = book
         self.resolve = resolve
@@ -45,7 +47,11 @@ class Materializer:
         if base is None:
             raise GenomeError("the base genome has no weights to read")
         self.base = base
-        self._factors: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # LRU of expert SVD factors, bounded: full-rank factors of one expert take ~1.3x the
+        # model in float32, so an unbounded cache would hold several models per pod.
+        self._factors: OrderedDict[tuple[str, str], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._factor_bytes = 0
+        self.factor_cache_bytes = factor_cache_bytes
 
     def specs(self) -> dict[str, TensorSpec]:
         """Names and shapes of every output tensor, in the output dtype."""
@@ -59,7 +65,9 @@ class Materializer:
         for name in self.base.names():
             tensor = self.tensor(genome_id, name)
             if tensor.is_floating_point():
-                if not torch.isfinite(tensor).all():
+                # A sum is finite iff every element is (barring overflow, re-checked exactly);
+                # it avoids a full boolean tensor per weight.
+                if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                     raise NonFiniteWeightsError(
                         f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is "
                         "rejected and will not be archived"
@@ -109,7 +117,7 @@ class Materializer:
             raise GenomeError(f"{genome.kind} genome {genome_id} has no readable weights")
         task_vector = torch.zeros_like(base)
         for parent, weight in zip(genome.parents, genome.weights, strict=True):
-            task_vector += weight * (self._tensor(parent, name, memo) - base)
+            task_vector.add_(self._tensor(parent, name, memo) - base, alpha=weight)
         mutation = genome.mutation
         if mutation is None or mutation.kind == "none":
             pass
@@ -119,7 +127,7 @@ class Materializer:
             expert_form = LinearForm(
                 svd_terms=[(mutation.expert, mutation.seed, mutation.scale, 1.0)]
             )
-            task_vector += self._expert_svd_terms(expert_form, name, base, memo)
+            self._add_expert_svd_terms(task_vector, expert_form, name, memo)
         elif mutation.kind == "gaussian":
             task_vector += gaussian_noise(
                 name, base.shape, mutation.seed, mutation.scale, self.device
@@ -129,39 +137,47 @@ class Materializer:
     def _from_linear_form(
         self, form: LinearForm, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        # In place, with one scratch tensor: peak stays at ~3 copies of the largest tensor.
         out = base.clone()
+        scratch = torch.empty_like(base)
         for expert in sorted(form.coeffs):
-            out += form.coeffs[expert] * (self._read(expert, name, memo) - base)
+            torch.sub(self._read(expert, name, memo), base, out=scratch)
+            out.add_(scratch, alpha=form.coeffs[expert])
         if form.svd_terms:
-            out += self._expert_svd_terms(form, name, base, memo)
+            self._add_expert_svd_terms(out, form, name, memo)
         for seed, sigma, coeff in form.noise_terms:
-            out += coeff * gaussian_noise(name, base.shape, seed, sigma, self.device)
+            out.add_(gaussian_noise(name, base.shape, seed, sigma, self.device), alpha=coeff)
         return out
 
-    def _expert_svd_terms(
-        self, form: LinearForm, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """sum_j c_j U_e diag(r_j * S_e) V_e^T, grouped by expert: one matmul per expert."""
-        if not is_svd_target(name, base):
-            return torch.zeros_like(base)
+    def _add_expert_svd_terms(
+        self, out: torch.Tensor, form: LinearForm, name: str, memo: dict[str, torch.Tensor]
+    ) -> None:
+        """out += sum_j c_j U_e diag(r_j * S_e) V_e^T, grouped by expert: one matmul each."""
+        if not is_svd_target(name, out):
+            return
+        rank = min(out.shape)
         scales: dict[str, torch.Tensor] = {}
         for expert, seed, rate, coeff in form.svd_terms:
-            if expert is None:
-                raise GenomeError("an svd_expert mutation must name the expert it draws from")
-            rank = min(base.shape)
             r = coeff * uniform_factors(seed, name, rank, rate)
-            scales[expert] = scales.get(expert, 0) + r
-        out = torch.zeros_like(base)
+            scales[expert] = scales[expert] + r if expert in scales else r
         for expert in sorted(scales):
-            u, s, vh = self._expert_factors(expert, name, base, memo)
-            out += (u * (s * scales[expert].to(s.device))) @ vh
-        return out
+            u, s, vh = self._expert_factors(expert, name, memo)
+            out.addmm_(u * (s * scales[expert].to(s.device)), vh)
 
     def _expert_factors(
-        self, expert: str, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, expert: str, name: str, memo: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         key = (expert, name)
-        if key not in self._factors:
-            task_vector = self._read(expert, name, memo) - base
-            self._factors[key] = torch.linalg.svd(task_vector, full_matrices=False)
-        return self._factors[key]
+        if key in self._factors:
+            self._factors.move_to_end(key)
+            return self._factors[key]
+        base = self._read(self.base_id, name, memo)
+        factors = torch.linalg.svd(self._read(expert, name, memo) - base, full_matrices=False)
+        size = sum(t.numel() * t.element_size() for t in factors)
+        while self._factors and self._factor_bytes + size > self.factor_cache_bytes:
+            _, evicted = self._factors.popitem(last=False)
+            self._factor_bytes -= sum(t.numel() * t.element_size() for t in evicted)
+        if size <= self.factor_cache_bytes:
+            self._factors[key] = factors
+            self._factor_bytes += size
+        return factors

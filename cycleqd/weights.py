@@ -162,9 +162,15 @@ def write_safetensors(
     start = 8 + len(raw)
     tmp = path.with_name(path.name + ".partial")
     written: set[str] = set()
+    # Tensors arriving in header order (the materialiser's order) are hashed as they are
+    # written; any other order falls back to reading the file back once.
+    digest = hashlib.sha256()
+    next_offset = 0
     with tmp.open("wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw)
         f.truncate(start + offset)
         for name, tensor in tensors:
             info = header.get(name)
@@ -179,14 +185,21 @@ def write_safetensors(
             data = tensor.detach().to("cpu", spec.dtype).contiguous()
             f.seek(start + info["data_offsets"][0])
             if data.numel():
-                f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+                raw_bytes = data.reshape(-1).view(torch.uint8).numpy().data
+                f.write(raw_bytes)
+                if digest is not None and info["data_offsets"][0] == next_offset:
+                    digest.update(raw_bytes)
+                else:
+                    digest = None
+            if digest is not None:
+                next_offset = info["data_offsets"][1]
             written.add(name)
     missing = sorted(set(order) - written)
     if missing:
         tmp.unlink()
         raise MissingTensorError(f"writing {path}: tensors never produced: {missing[:5]}")
     os.replace(tmp, path)
-    return sha256_file(path)
+    return digest.hexdigest() if digest is not None else sha256_file(path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -190,3 +190,17 @@ def test_final_model_is_softmax_merge_of_best_elites(tiny_world, probe_evaluator
     name = "lm_head.weight"
     assert torch.equal(exported.get(name), campaign.materializer.tensor(gid, name))
     assert len(sha) == 64
+
+
+def test_bounded_factor_cache_gives_the_same_weights(tiny_world, probe_evaluator, tmp_path):
+    campaign = _campaign(tiny_world, probe_evaluator, tmp_path)
+    e = list(campaign.book.expert_ids().values())
+    gid = campaign.book.add(
+        Genome("child", (e[0], e[1]), (0.4, 0.6), Mutation("svd_expert", 3, 0.1, e[2]))
+    )
+    unbounded = dict(campaign.materializer.tensors(gid))
+    tiny_cache = Materializer(campaign.book, campaign._resolve, factor_cache_bytes=64 << 10)
+    for _ in range(2):  # the second pass recomputes evicted factors
+        bounded = dict(tiny_cache.tensors(gid))
+        assert all(torch.equal(unbounded[k], bounded[k]) for k in unbounded)
+    assert tiny_cache._factor_bytes <= 64 << 10
