@@ -249,16 +249,14 @@ def _child(materializer: Materializer, parents: tuple[str, str], mutation: Mutat
 
 
 def _to_file(materializer: Materializer, gid: str, folder: Path, phase: Phase) -> None:
-    from cycleqd.weights import sha256_file, write_safetensors
+    from cycleqd.weights import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.safetensors"
     with PeakMeter(phase):
-        write_safetensors(path, materializer.specs(), materializer.tensors(gid))
-    # write_safetensors re-reads the file to hash it; time that share on its own.
-    t0 = time.perf_counter()
-    sha256_file(path)
-    phase.extra["sha256_s"] = time.perf_counter() - t0
+        # The sha256 is computed while writing: it is part of the timed work.
+        write_safetensors(
+            folder / "model.safetensors", materializer.specs(), materializer.tensors(gid)
+        )
 
 
 def ours_svd_expert(world: World) -> list[Phase]:
@@ -632,17 +630,12 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(render_table(phases, facts["bytes"]))
     print()
-    sha = [p.extra["sha256_s"] for p in phases if "sha256_s" in p.extra]
     row = {p.key: i for i, p in enumerate(phases, start=1)}
     print(
         f"- cached SVD factors of one expert: {_mb(facts['factor_bytes'])} MB "
         f"({facts['factor_bytes'] / facts['bytes']:.2f}× the model), held for the "
         f"Materializer's life (rows {row['ours-svd-expert-2']}-{row['ours-svd-expert-model']} "
         "include them)"
-    )
-    print(
-        f"- the sha256 that write_safetensors computes by re-reading the file: "
-        f"{min(sha):.2f}–{max(sha):.2f} s of each '→ file' row"
     )
     first, second = by_key["ours-svd-expert-1"], by_key["ours-svd-expert-2"]
     print(
