@@ -161,16 +161,21 @@ class CampaignStore:
     def read_lease(self) -> Lease | None:
         try:
             data = json.loads(self.store.get_bytes("lease.json"))
-            return Lease(str(data["owner"]), str(data["host"]), int(data["pid"]),
-                         float(data["expires_at"]))
+            return Lease(
+                str(data["owner"]), str(data["host"]), int(data["pid"]), float(data["expires_at"])
+            )
         except StoreNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
             return None  # an unreadable lease protects nothing; the next writer replaces it
 
     def _write_lease(self, owner: str, ttl: float) -> None:
-        lease = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
-                 "expires_at": time.time() + ttl}
+        lease = {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires_at": time.time() + ttl,
+        }
         self.store.put_bytes("lease.json", json.dumps(lease).encode())
 
     def _locked_message(self, lease: Lease | None) -> str:
@@ -214,18 +219,18 @@ class CampaignStore:
         Returns the sha256 of its weights file."""
         with tempfile.TemporaryDirectory(prefix="cycleqd-model-") as tmp:
             files = {"model.safetensors": Path(tmp) / "model.safetensors"}
-            sha = write_safetensors(files["model.safetensors"], specs, tensors,
-                                    {"genome": genome_id})
+            sha = write_safetensors(
+                files["model.safetensors"], specs, tensors, {"genome": genome_id}
+            )
             for name, text in (extra_files or {}).items():
                 files[name] = Path(tmp) / name
                 files[name].write_text(text)
-            publish_model(self.store, f"{_area(area)}/{genome_id}", files,
-                          {"genome": genome_id})
+            publish_model(self.store, f"{_area(area)}/{genome_id}", files, {"genome": genome_id})
         return sha
 
     def stored_models(self, area: str = "models") -> list[str]:
         prefix = f"{_area(area)}/"
-        return sorted({key[len(prefix):].split("/", 1)[0] for key in self.store.list(prefix)})
+        return sorted({key[len(prefix) :].split("/", 1)[0] for key in self.store.list(prefix)})
 
     def delete_model(self, genome_id: str, area: str = "models") -> None:
         # The manifest goes first, so that a crash mid-delete leaves an invisible folder.
