@@ -25,6 +25,7 @@ from cycleqd.materialize import Materializer
 from cycleqd.objectstore import RemoteSafetensors
 from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
+from cycleqd.tracking import NullTracker, Tracker
 from cycleqd.weights import SafetensorsFolder, check_compatible
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ChildResult:
     skill: str
     scores: dict[str, float] | None  # None: rejected (non-finite weights)
     entered: list[str] = field(default_factory=list)
+    weights_uri: str | None = None  # where full weights were written, if they were
+    sha256: str | None = None
 
 
 def breed(
@@ -94,10 +97,18 @@ def final_genome(archives: ArchiveSet) -> Genome:
 class Campaign:
     """A campaign bound to its store, its models and an evaluator."""
 
-    def __init__(self, config: CampaignConfig, store: CampaignStore, evaluator: Evaluator):
+    def __init__(
+        self,
+        config: CampaignConfig,
+        store: CampaignStore,
+        evaluator: Evaluator,
+        tracker: Tracker | None = None,
+    ):
         self.config = config
         self.store = store
         self.evaluator = evaluator
+        self.tracker: Tracker = tracker or NullTracker()
+        self._written: dict[str, str] = {}  # genome id -> sha256 of weights written this run
         self.book = GenomeBook()
         self.archives = ArchiveSet.for_config(config)
         self.generation = -1  # last complete generation; 0 = seeded
@@ -115,8 +126,12 @@ class Campaign:
             raise
 
     def close(self) -> None:
-        """Give the campaign's lease back; another run may then resume it."""
-        self.store.release()
+        """Give the campaign's lease back (another run may then resume it) and let the tracker
+        deliver what it still holds."""
+        try:
+            self.tracker.close()
+        finally:
+            self.store.release()
 
     def __enter__(self) -> Campaign:
         return self
@@ -191,7 +206,7 @@ class Campaign:
     def _score(self, genome_id: str) -> dict[str, float]:
         if self.book.linear_form(genome_id) is None and self._resolve(genome_id) is None:
             # Off the experts' span: keep the weights, a future child may need them.
-            self.store.write_model(
+            self._written[genome_id] = self.store.write_model(
                 genome_id, self.materializer.specs(), self.materializer.tensors(genome_id)
             )
             stored = self.store.open_model(genome_id)
@@ -212,6 +227,9 @@ class Campaign:
             entered = self.archives.offer(gid, scores)
             self.history.append(ChildResult(gid, 0, skill, scores, entered))
         self._commit(0)
+        self.tracker.generation_done(
+            0, self.history[-len(self.config.skills) :], self.archives, self.book
+        )
 
     def step(self) -> list[ChildResult]:
         generation = self.generation + 1
@@ -221,12 +239,22 @@ class Campaign:
             gid = self.book.add(child)
             scores = self.evaluate(gid)
             entered = self.archives.offer(gid, scores) if scores is not None else []
-            results.append(ChildResult(gid, generation, child.skill, scores, entered))
+            sha = self._written.pop(gid, None)
+            uri = self.store.model_uri(gid) if sha and entered else None
+            results.append(
+                ChildResult(
+                    gid, generation, child.skill, scores, entered, uri, sha if uri else None
+                )
+            )
         self.history.extend(results)
         self._commit(generation)
+        self.tracker.generation_done(generation, results, self.archives, self.book)
         return results
 
     def run(self, on_generation: Callable[[int, list[ChildResult]], None] | None = None) -> None:
+        self.tracker.campaign_started(
+            self.config, self.book, self.generation if self.generation >= 0 else None
+        )
         self.seed()
         while self.generation < self.config.generations:
             results = self.step()
@@ -238,15 +266,23 @@ class Campaign:
         gid = self.book.add(genome)
         return gid, self.evaluate(gid)
 
-    def export(self, genome_id: str, extra_files: dict[str, str] | None = None) -> str:
+    def export(
+        self,
+        genome_id: str,
+        scores: dict[str, float] | None = None,
+        extra_files: dict[str, str] | None = None,
+    ) -> str:
         """Write a genome's full weights to the store's exports; returns their sha256."""
-        return self.store.write_model(
+        sha = self.store.write_model(
             genome_id,
             self.materializer.specs(),
             self.materializer.tensors(genome_id),
             extra_files=extra_files,
             area="exports",
         )
+        uri = self.store.model_uri(genome_id, "exports")
+        self.tracker.model_exported(genome_id, scores, uri, sha, self.book)
+        return sha
 
     def _commit(self, generation: int) -> None:
         snapshot = {

@@ -44,8 +44,25 @@ def _run(args: argparse.Namespace) -> int:
 
     evaluator = tiny.ProbeEvaluator(dict(config.models.experts))
     store = CampaignStore(args.store or workdir / "campaign")
-    with Campaign(config, store, evaluator) as campaign:
-        return _run_campaign(campaign, config, store)
+    tracker = None
+    if not args.no_tracking:
+        from cycleqd.tracking import MLflowTracker
+
+        # Embedded default: a SQLite MLflow store in the run folder, no server to start.
+        tracker = MLflowTracker(
+            args.tracking_uri,
+            experiment=config.name,
+            campaign_uri=store.uri,
+            registry_name=f"{config.name}-final",
+            local_dir=None if args.tracking_uri else workdir,
+        )
+    with Campaign(config, store, evaluator, tracker) as campaign:
+        code = _run_campaign(campaign, config, store)
+    if tracker is not None:
+        where = args.tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
+        missed = tracker.missed()
+        print(f"MLflow: {where}" + (f" ({len(missed)} events not delivered)" if missed else ""))
+    return code
 
 
 def _run_campaign(campaign, config, store) -> int:
@@ -68,7 +85,9 @@ def _run_campaign(campaign, config, store) -> int:
 
     campaign.run(progress)
     final_id, final_scores = campaign.finalize()
-    sha = campaign.export(final_id, {"genome.json": json.dumps(campaign.book[final_id].to_dict())})
+    sha = campaign.export(
+        final_id, final_scores, {"genome.json": json.dumps(campaign.book[final_id].to_dict())}
+    )
     elapsed = time.perf_counter() - started
 
     skills = config.skill_names
@@ -144,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--store", help="campaign store URI (s3://bucket/prefix or a folder); default: in workdir"
     )
+    run.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: a SQLite store in the workdir)"
+    )
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.set_defaults(handler=_run)
 
     validate = sub.add_parser("validate", help="check a campaign config")

@@ -24,6 +24,17 @@ def test_embedded_quick_start_run(tmp_path, capsys):
     exports = list((workdir / "campaign" / "exports").iterdir())
     assert len(exports) == 1 and (exports[0] / "cycleqd-manifest.json").exists()
     assert (workdir / "campaign" / "generations" / "000004.json").exists()
+    # Tracked in the embedded MLflow store: one run per generation, the final model registered.
+    assert "MLflow: sqlite:///" in out and "not delivered" not in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    generations = {r.data.tags.get("cycleqd.generation") for r in runs}
+    assert {"0", "1", "2", "3", "4"} <= generations
+    (version,) = client.search_model_versions("name = 'tiny-final'")
+    assert version.tags.get("cycleqd.model_id") or version.source.startswith("models:/")
 
 
 def test_cli_run_and_resume(tiny_world, tmp_path, capsys):
