@@ -8,6 +8,7 @@ breeds exactly the children an uninterrupted run would have bred.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import yaml
 
 from cycleqd.archive import ArchiveSet, sample_parents
 from cycleqd.config import CampaignConfig, parse_config
-from cycleqd.errors import ConfigError, NonFiniteWeightsError
+from cycleqd.errors import ConfigError, CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
 from cycleqd.materialize import Materializer
 from cycleqd.objectstore import RemoteSafetensors
@@ -103,7 +104,10 @@ class Campaign:
         store: CampaignStore,
         evaluator: Evaluator,
         tracker: Tracker | None = None,
+        writer: bool = True,
     ):
+        """`writer=False` opens a committed campaign to read and evaluate only (a Kubeflow
+        evaluation task): no lease, nothing but evaluation records is written."""
         self.config = config
         self.store = store
         self.evaluator = evaluator
@@ -118,11 +122,13 @@ class Campaign:
         self._stored: dict[str, SafetensorsFolder | RemoteSafetensors] = {}
         self._register_models()
         self.materializer = Materializer(self.book, self._resolve, dtype=config.dtype)
-        self.store.acquire()  # one writer per campaign; fails fast naming the holder
+        self.writer = writer
+        if writer:
+            self.store.acquire()  # one writer per campaign; fails fast naming the holder
         try:
             self._resume()
         except BaseException:
-            self.store.release()
+            self.close()
             raise
 
     def close(self) -> None:
@@ -131,7 +137,8 @@ class Campaign:
         try:
             self.tracker.close()
         finally:
-            self.store.release()
+            if self.writer:
+                self.store.release()
 
     def __enter__(self) -> Campaign:
         return self
@@ -165,6 +172,8 @@ class Campaign:
     def _resume(self) -> None:
         stored = self.store.read_config_text()
         if stored is None:
+            if not self.writer:
+                raise CycleQDError(f"{self.store.uri} holds no campaign yet; seed it first")
             self.store.write_config(self.config.to_yaml())
             return
         previous = parse_config(yaml.safe_load(stored), source=f"{self.store.uri}/config.yaml")
@@ -175,7 +184,8 @@ class Campaign:
                 f"{self.store.uri} holds campaign {previous.name!r} with a different config; "
                 "only `generations` may change on resume. Use a new run folder for a new config."
             )
-        self.store.write_config(self.config.to_yaml())
+        if self.writer:
+            self.store.write_config(self.config.to_yaml())
         latest = self.store.latest_generation()
         if latest is None:
             return
@@ -231,15 +241,76 @@ class Campaign:
             0, self.history[-len(self.config.skills) :], self.archives, self.book
         )
 
-    def step(self) -> list[ChildResult]:
+    # The three parts of a generation. In process, `step` runs them in a row; in Kubeflow each
+    # is a task (breed, then one evaluation task per child in a ParallelFor, then commit), and
+    # every part is idempotent so that a retried or resumed task redoes nothing.
+
+    def breed_next(self) -> list[str]:
+        """Breed the next generation from the committed archives; record its children."""
         generation = self.generation + 1
-        results = []
+        # On a copy: sampling counts change when the generation is committed, not before.
+        children = breed(self.config, self.book, copy.deepcopy(self.archives), generation)
+        ids = [self.book.add(child) for child in children]
+        self.store.put_json(
+            f"pending/{generation:06d}.json",
+            [{"id": g, **c.to_dict()} for g, c in zip(ids, children, strict=True)],
+        )
+        return ids
+
+    def load_pending(self) -> list[str]:
+        """The children bred for the next generation (by another process), added to the book."""
+        generation = self.generation + 1
+        records = self.store.get_json(f"pending/{generation:06d}.json")
+        if records is None:
+            raise CycleQDError(
+                f"{self.store.uri}: generation {generation} has not been bred yet (no "
+                f"pending/{generation:06d}.json); run the breed step first"
+            )
+        for record in records:
+            genome = Genome.from_dict(record)
+            if genome.id != record.get("id"):
+                raise CycleQDError(
+                    f"pending/{generation:06d}.json: record {record.get('id')} "
+                    "does not match its content; the file was edited or corrupted"
+                )
+            self.book.add(genome)
+        return [r["id"] for r in records]
+
+    def evaluate_child(self, genome_id: str) -> dict:
+        """Score a child once: the result is kept in the store, a retry reads it back."""
+        key = f"evaluations/{genome_id}.json"
+        record = self.store.get_json(key)
+        if record is None:
+            scores = self.evaluate(genome_id)
+            record = {
+                "genome_id": genome_id,
+                "scores": scores,
+                "sha256": self._written.pop(genome_id, None),
+            }
+            self.store.put_json(key, record)
+        return record
+
+    def commit_next(self) -> list[ChildResult]:
+        """Offer the evaluated children to the archives in breeding order; commit a snapshot."""
+        generation = self.generation + 1
+        # Breeding again from the same archives and seed yields the same children and the same
+        # sampling counts; a mismatch means the code or config changed mid-generation.
         children = breed(self.config, self.book, self.archives, generation)
+        recorded = self.store.get_json(f"pending/{generation:06d}.json") or []
+        if [c.id for c in children] != [r.get("id") for r in recorded]:
+            raise CycleQDError(
+                f"generation {generation}: the recorded children differ from what the campaign "
+                "breeds now; was the config or the cycleqd version changed mid-generation?"
+            )
+        results = []
         for child in children:
             gid = self.book.add(child)
-            scores = self.evaluate(gid)
+            record = self.store.get_json(f"evaluations/{gid}.json")
+            if record is None:
+                raise CycleQDError(f"generation {generation}: child {gid} was never evaluated")
+            scores = record["scores"]
             entered = self.archives.offer(gid, scores) if scores is not None else []
-            sha = self._written.pop(gid, None)
+            sha = record.get("sha256")
             uri = self.store.model_uri(gid) if sha and entered else None
             results.append(
                 ChildResult(
@@ -250,6 +321,11 @@ class Campaign:
         self._commit(generation)
         self.tracker.generation_done(generation, results, self.archives, self.book)
         return results
+
+    def step(self) -> list[ChildResult]:
+        for gid in self.breed_next():
+            self.evaluate_child(gid)
+        return self.commit_next()
 
     def run(self, on_generation: Callable[[int, list[ChildResult]], None] | None = None) -> None:
         self.tracker.campaign_started(

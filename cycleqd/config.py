@@ -77,6 +77,14 @@ class MutationConfig(_Strict):
     sigma: float = Field(default=1e-3, gt=0.0)
 
 
+class EvaluationConfig(_Strict):
+    """How models are scored. `probe`: agreement with each skill's expert on fixed probe
+    prompts (any model, no data needed; the stand-in until the skill worlds are wired)."""
+
+    world: Literal["probe"] = "probe"
+    probe_prompts: int = Field(default=64, ge=1)
+
+
 class ModelsConfig(_Strict):
     """Where the base and the experts live: local folders of safetensors (HF layout)."""
 
@@ -94,6 +102,7 @@ class CampaignConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     crossover: CrossoverConfig = CrossoverConfig()
     mutation: MutationConfig = MutationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     dtype: DType = "float32"
 
     @model_validator(mode="after")

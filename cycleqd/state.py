@@ -56,9 +56,13 @@ class Lease:
 class CampaignStore:
     """One campaign's state under a store URI (`s3://bucket/campaigns/x` or a folder)."""
 
-    def __init__(self, store: ObjectStore | str | Path):
+    def __init__(self, store: ObjectStore | str | Path, owner: str | None = None):
+        """`owner` names a writer that spans processes (a Kubeflow run id: every task of one
+        run shares the lease, which only the run's final task gives back). Without it the
+        lease belongs to this object and is given back by `release`."""
         self.store = store if isinstance(store, ObjectStore) else open_store(store)
-        self._lease_owner: str | None = None
+        self._lease_owner: str | None = owner
+        self._shared_owner = owner is not None
 
     @property
     def uri(self) -> str:
@@ -119,6 +123,20 @@ class CampaignStore:
             raise CycleQDError(f"{self.uri}/{key} is not a campaign snapshot")
         return snapshot
 
+    def put_json(self, key: str, value: object) -> None:
+        self.store.put_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> object | None:
+        """The object at `key`, or None if there is none; corrupt JSON is an error."""
+        try:
+            data = self.store.get_bytes(key)
+        except StoreNotFoundError:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise CycleQDError(f"{self.uri}/{key} is corrupted: not JSON") from None
+
     # -- the single-writer lease ---------------------------------------------------------------
 
     def acquire(self, ttl: float = 3600.0, settle: float = 0.2) -> None:
@@ -132,12 +150,12 @@ class CampaignStore:
         current = self.read_lease()
         owner = self._lease_owner or uuid.uuid4().hex
         if current and current.owner != owner and current.expires_at > time.time():
-            raise CampaignLockedError(self._locked_message(current))
+            raise CampaignLockedError(self.locked_message(current))
         self._write_lease(owner, ttl)
         time.sleep(settle)
         current = self.read_lease()
         if current is None or current.owner != owner:
-            raise CampaignLockedError(self._locked_message(current))
+            raise CampaignLockedError(self.locked_message(current))
         self._lease_owner = owner
 
     def renew(self, ttl: float = 3600.0) -> None:
@@ -146,17 +164,19 @@ class CampaignStore:
         current = self.read_lease()
         if current is None or current.owner != self._lease_owner:
             raise CampaignLockedError(
-                f"lost the lease on {self.uri}: " + self._locked_message(current)
+                f"lost the lease on {self.uri}: " + self.locked_message(current)
             )
         self._write_lease(self._lease_owner, ttl)
 
-    def release(self) -> None:
-        if self._lease_owner is None:
+    def release(self, *, shared: bool = False) -> None:
+        """Give the lease back; a shared (run-wide) lease only when `shared` is set."""
+        if self._lease_owner is None or (self._shared_owner and not shared):
             return
         current = self.read_lease()
         if current is not None and current.owner == self._lease_owner:
             self.store.delete("lease.json")
-        self._lease_owner = None
+        if not self._shared_owner:
+            self._lease_owner = None
 
     def read_lease(self) -> Lease | None:
         try:
@@ -178,7 +198,7 @@ class CampaignStore:
         }
         self.store.put_bytes("lease.json", json.dumps(lease).encode())
 
-    def _locked_message(self, lease: Lease | None) -> str:
+    def locked_message(self, lease: Lease | None) -> str:
         if lease is None:
             return f"another run took {self.uri} at the same time; retry in a moment"
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.expires_at))

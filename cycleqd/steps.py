@@ -1,0 +1,188 @@
+"""The campaign's stages as functions of plain strings: what each Kubeflow component calls.
+
+Every stage opens the campaign from its store URI, does one idempotent piece of work and
+returns a small JSON-able value (ids, scores, URIs; never weights). A retried task redoes
+nothing that was committed; a new run resumes from the last complete generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import yaml
+
+from cycleqd.campaign import Campaign
+from cycleqd.config import CampaignConfig, parse_config
+from cycleqd.errors import ConfigError, CycleQDError
+from cycleqd.evaluators import build_evaluator
+from cycleqd.state import CampaignLockedError, CampaignStore
+from cycleqd.tracking import MLflowTracker, NullTracker, Tracker
+from cycleqd.weights import SafetensorsFolder, check_compatible
+
+
+def load_config_text(config_yaml: str) -> CampaignConfig:
+    try:
+        data = yaml.safe_load(config_yaml)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"campaign config is not valid YAML: {exc}") from None
+    return parse_config(data, source="campaign config")
+
+
+def _tracker(tracking_uri: str, config: CampaignConfig, store: CampaignStore) -> Tracker:
+    if not tracking_uri:
+        return NullTracker()
+    return MLflowTracker(
+        tracking_uri,
+        experiment=config.name,
+        campaign_uri=store.uri,
+        registry_name=f"{config.name}-final",
+    )
+
+
+@contextlib.contextmanager
+def open_campaign(
+    config_yaml: str,
+    store_uri: str,
+    *,
+    owner: str | None = None,
+    tracking_uri: str = "",
+    writer: bool = True,
+) -> Iterator[Campaign]:
+    config = load_config_text(config_yaml)
+    store = CampaignStore(store_uri, owner=owner or None)
+    tracker = _tracker(tracking_uri, config, store) if writer else NullTracker()
+    campaign = Campaign(config, store, build_evaluator(config), tracker, writer=writer)
+    try:
+        if writer:
+            tracker.campaign_started(
+                config, campaign.book, campaign.generation if campaign.generation >= 0 else None
+            )
+        yield campaign
+    finally:
+        campaign.close()
+
+
+def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+    """Fail fast, with what to fix: config, store access, models, lease, MLflow."""
+    config = load_config_text(config_yaml)
+    store = CampaignStore(store_uri)
+    probe = f"preflight/{uuid.uuid4().hex}"
+    store.store.put_bytes(probe, b"ok")  # credentials, bucket and write access in one go
+    store.store.delete(probe)
+    base = SafetensorsFolder(config.models.base)
+    check_compatible(
+        base, {f"expert {s!r}": SafetensorsFolder(p) for s, p in config.models.experts.items()}
+    )
+    stored = store.read_config_text()
+    if stored is not None:
+        previous = parse_config(yaml.safe_load(stored), source=f"{store.uri}/config.yaml")
+        if previous.model_dump(exclude={"generations"}) != config.model_dump(
+            exclude={"generations"}
+        ):
+            raise ConfigError(
+                f"{store.uri} holds campaign {previous.name!r} with a different config; only "
+                "`generations` may change. Point store_uri at a new prefix for a new campaign."
+            )
+    lease = store.read_lease()
+    if lease is not None and lease.owner != owner and lease.expires_at > time.time():
+        raise CampaignLockedError(store.locked_message(lease))
+    if tracking_uri:
+        _check_mlflow(tracking_uri)
+    latest = store.latest_generation()
+    return {
+        "campaign": config.name,
+        "store_uri": store.uri,
+        "latest_generation": -1 if latest is None else latest,
+        "target_generations": config.generations,
+    }
+
+
+def _check_mlflow(tracking_uri: str) -> None:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means: not reachable as configured
+        raise CycleQDError(
+            f"MLflow at {tracking_uri} is not reachable ({type(exc).__name__}); check the "
+            "tracking URI, or leave it empty to run without tracking"
+        ) from None
+
+
+def seed(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> int:
+    """Generation 0 (the experts in the archives), once; returns the last complete generation."""
+    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+        c.seed()
+        return c.generation
+
+
+def breed(config_yaml: str, store_uri: str, owner: str = "") -> list[str]:
+    """The next generation's child genome ids; empty once the campaign reached its target."""
+    with open_campaign(config_yaml, store_uri, owner=owner) as c:
+        if c.generation < 0:
+            raise CycleQDError(f"{c.store.uri} is not seeded yet; run the seed step first")
+        if c.generation >= c.config.generations:
+            return []
+        return c.breed_next()
+
+
+def evaluate(config_yaml: str, store_uri: str, genome_id: str) -> dict:
+    """Materialise one child and score it on every skill (kept in the store for the commit)."""
+    with open_campaign(config_yaml, store_uri, writer=False) as c:
+        if genome_id not in c.load_pending():
+            raise CycleQDError(
+                f"child {genome_id} is not in generation {c.generation + 1} of {c.store.uri}"
+            )
+        return c.evaluate_child(genome_id)
+
+
+def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+    """Insert the evaluated children into the archives and commit the generation."""
+    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+        generation = c.generation + 1
+        pending = c.store.get_json(f"pending/{generation:06d}.json")
+        results = c.commit_next() if pending else []
+        return {
+            "generation": c.generation,
+            "committed": bool(pending),
+            "children": [
+                {
+                    "genome_id": r.genome_id,
+                    "skill": r.skill,
+                    "scores": r.scores,
+                    "entered": r.entered,
+                }
+                for r in results
+            ],
+            "archives": {
+                s: {"elites": len(c.archives[s].cells), "best": c.archives[s].best().quality}
+                for s in c.config.skill_names
+            },
+        }
+
+
+def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+    """Merge the best elite of every archive (softmax of qualities) and write the model."""
+    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+        genome_id, scores = c.finalize()
+        genome = c.book[genome_id]
+        sha = c.export(genome_id, scores, {"genome.json": json.dumps(genome.to_dict())})
+        return {
+            "genome_id": genome_id,
+            "uri": c.store.model_uri(genome_id, "exports"),
+            "sha256": sha,
+            "scores": scores,
+            "generation": c.generation,
+        }
+
+
+def release(store_uri: str, owner: str) -> None:
+    """Give back a run's lease (the pipeline's exit handler), whatever happened before."""
+    CampaignStore(store_uri, owner=owner).release(shared=True)
