@@ -348,17 +348,31 @@ class Campaign:
         scores: dict[str, float] | None = None,
         extra_files: dict[str, str] | None = None,
     ) -> str:
-        """Write a genome's full weights to the store's exports; returns their sha256."""
+        """Write a genome's full weights to the store's exports, with the base's config and
+        tokenizer files so that the folder loads with `from_pretrained`; returns the sha256."""
+        files = {**self._base_side_files(), **(extra_files or {})}
         sha = self.store.write_model(
             genome_id,
             self.materializer.specs(),
             self.materializer.tensors(genome_id),
-            extra_files=extra_files,
+            extra_files=files,
             area="exports",
         )
         uri = self.store.model_uri(genome_id, "exports")
         self.tracker.model_exported(genome_id, scores, uri, sha, self.book)
         return sha
+
+    def _base_side_files(self) -> dict[str, str]:
+        folder = self._sources[self.book.base_id()].folder
+        names = (
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        )
+        return {n: (folder / n).read_text() for n in names if (folder / n).is_file()}
 
     def _commit(self, generation: int) -> None:
         snapshot = {

@@ -19,11 +19,11 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _run(args: argparse.Namespace) -> int:
+def prepare_config(args: argparse.Namespace):
+    """The campaign config of a local run: the user's file, or the embedded tiny world
+    (built once in the workdir)."""
     from cycleqd import tiny
-    from cycleqd.campaign import Campaign
     from cycleqd.config import load_config, parse_config
-    from cycleqd.state import CampaignStore
 
     workdir = Path(args.workdir)
     if args.config:
@@ -41,8 +41,18 @@ def _run(args: argparse.Namespace) -> int:
         config = parse_config(tiny.default_config(models), source="embedded tiny config")
     if args.generations is not None:
         config = config.model_copy(update={"generations": args.generations})
+    return config
 
-    evaluator = tiny.ProbeEvaluator(dict(config.models.experts))
+
+def _run(args: argparse.Namespace) -> int:
+    """In process: the whole campaign in this Python process (no Kubeflow)."""
+    from cycleqd.campaign import Campaign
+    from cycleqd.evaluators import build_evaluator
+    from cycleqd.state import CampaignStore
+
+    workdir = Path(args.workdir)
+    config = prepare_config(args)
+    evaluator = build_evaluator(config)
     store = CampaignStore(args.store or workdir / "campaign")
     tracker = None
     if not args.no_tracking:
@@ -66,7 +76,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_campaign(campaign, config, store) -> int:
-    from cycleqd.genome import Genome
 
     start = campaign.generation
     if start >= 0:
@@ -88,13 +97,20 @@ def _run_campaign(campaign, config, store) -> int:
     sha = campaign.export(
         final_id, final_scores, {"genome.json": json.dumps(campaign.book[final_id].to_dict())}
     )
-    elapsed = time.perf_counter() - started
-
-    skills = config.skill_names
     print(
         f"\ncampaign {config.name!r}: {campaign.generation} generations "
-        f"({campaign.generation - max(start, 0)} this run, {elapsed:.1f} s)"
+        f"({campaign.generation - max(start, 0)} this run, {time.perf_counter() - started:.1f} s)"
     )
+    print_summary(campaign, final_id, final_scores)
+    print(f"final model: {store.model_uri(final_id, 'exports')} (sha256 {sha[:12]}...)")
+    return 0
+
+
+def print_summary(campaign, final_id: str, final_scores: dict[str, float] | None) -> None:
+    """Experts, their plain average merge and the final model on every skill."""
+    from cycleqd.genome import Genome
+
+    skills = campaign.config.skill_names
     header = f"{'model':<22}" + "".join(f"{s:>12}" for s in skills) + f"{'mean':>10}"
     print(header)
     print("-" * len(header))
@@ -113,8 +129,6 @@ def _run_campaign(campaign, config, store) -> int:
         "\narchive fill: "
         + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
     )
-    print(f"final model: {store.model_uri(final_id, 'exports')} (sha256 {sha[:12]}...)")
-    return 0
 
 
 def _row(label: str, scores: dict[str, float], skills: list[str]) -> None:
@@ -151,7 +165,8 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend=None) -> argparse.ArgumentParser:
+    """The core commands; `extend(subparsers)` adds more (the Kubeflow layer's)."""
     parser = argparse.ArgumentParser(prog="cycleqd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a campaign folder")
     inspect.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
     inspect.set_defaults(handler=_inspect)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extend=None) -> int:
+    args = build_parser(extend).parse_args(argv)
     _quiet_transformers()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -186,3 +186,30 @@ def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
 def release(store_uri: str, owner: str) -> None:
     """Give back a run's lease (the pipeline's exit handler), whatever happened before."""
     CampaignStore(store_uri, owner=owner).release(shared=True)
+
+
+def elite_maps_html(config_yaml: str, store_uri: str) -> str:
+    """One heatmap per archive of the last committed generation, as a self-contained HTML
+    page (images inlined) for the Kubeflow UI."""
+    import base64
+    import io
+
+    from cycleqd.archive import ArchiveSet
+    from cycleqd.elite_maps import maps_of, render
+
+    config = load_config_text(config_yaml)
+    store = CampaignStore(store_uri)
+    latest = store.latest_generation()
+    if latest is None:
+        return "<p>no generation committed yet</p>"
+    archives = ArchiveSet.for_config(config)
+    archives.load_dict(store.read_snapshot(latest)["archives"])
+    images = []
+    for skill, data in maps_of(archives).items():
+        buffer = io.BytesIO()
+        render(data, latest).savefig(buffer, format="png")
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        images.append(f'<img alt="elite map {skill}" src="data:image/png;base64,{encoded}"/>')
+    return (
+        f"<h3>{config.name}: archives after generation {latest}</h3>\n" + "\n".join(images)
+    )

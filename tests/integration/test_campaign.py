@@ -204,3 +204,16 @@ def test_bounded_factor_cache_gives_the_same_weights(tiny_world, probe_evaluator
         bounded = dict(tiny_cache.tensors(gid))
         assert all(torch.equal(unbounded[k], bounded[k]) for k in unbounded)
     assert tiny_cache._factor_bytes <= 64 << 10
+
+
+def test_exported_model_loads_with_from_pretrained(tiny_world, probe_evaluator, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    with _campaign(tiny_world, probe_evaluator, tmp_path, generations=2) as campaign:
+        campaign.run()
+        gid, _ = campaign.finalize()
+        campaign.export(gid)
+        folder = tmp_path / "exports" / gid  # a local store: the folder itself
+        model = LlamaForCausalLM.from_pretrained(folder)
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert torch.equal(model.state_dict()[name], campaign.materializer.tensor(gid, name))

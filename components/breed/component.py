@@ -1,0 +1,12 @@
+from kfp import dsl
+
+from cycleqd_kfp.components.runtime import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE)
+def breed(campaign_config: str, store_uri: str, run_owner: str) -> list:
+    """The next generation's children as genome ids (recipes in the store; a few KB each).
+    Empty once the campaign has reached its target number of generations."""
+    from cycleqd import steps
+
+    return steps.breed(campaign_config, store_uri, run_owner)

@@ -1,0 +1,1 @@
+"""Compiled Kubeflow pipelines (installed as `cycleqd_kfp.pipelines`): wiring only."""

@@ -1,0 +1,205 @@
+"""`cycleqd` with the Kubeflow commands: run (through kfp.local by default), compile, submit,
+schedule. The core commands come from `cycleqd.cli`; this module only adds the wiring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cycleqd import cli as core
+from cycleqd.errors import CycleQDError
+
+
+def _options(args: argparse.Namespace):
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions
+
+    return PipelineOptions(
+        generations_per_run=args.generations_per_run,
+        parallelism=args.parallelism,
+        s3_secret=args.s3_secret,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.engine == "in-process":
+        return core._run(args)
+    return _run_local(args)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    """The whole pipeline through kfp.local on this machine: every stage a subprocess, the
+    generations unrolled as in the cluster, state in the campaign store."""
+    from kfp import local
+
+    from cycleqd.campaign import Campaign
+    from cycleqd.evaluators import build_evaluator
+    from cycleqd.state import CampaignStore
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
+
+    workdir = Path(args.workdir).absolute()
+    config = core.prepare_config(args)
+    store_uri = args.store or str(workdir / "campaign")
+    tracking_uri = (
+        "" if args.no_tracking else (args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}")
+    )
+    latest = CampaignStore(store_uri).latest_generation()
+    remaining = max(config.generations - max(latest or 0, 0), 0)
+    if latest is not None:
+        print(f"resuming campaign {config.name!r} after generation {latest}")
+    print(
+        f"running {remaining} generation(s) through kfp.local (each stage a subprocess) ...",
+        flush=True,
+    )
+    started = time.perf_counter()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-local")
+    )
+    pipeline = build_pipeline(PipelineOptions(generations_per_run=remaining, parallelism=1))
+    pipeline(
+        campaign_config=config.to_yaml(), campaign_store_uri=store_uri, tracking_uri=tracking_uri
+    )
+    elapsed = time.perf_counter() - started
+
+    store = CampaignStore(store_uri)
+    with Campaign(config, store, build_evaluator(config)) as campaign:
+        final_id, final_scores = campaign.finalize()
+        print(
+            f"\ncampaign {config.name!r}: {campaign.generation} generations "
+            f"({campaign.generation - max(latest or 0, 0)} this run, {elapsed:.1f} s)"
+        )
+        core.print_summary(campaign, final_id, final_scores)
+    print(f"final model: {store.model_uri(final_id, 'exports')}")
+    if tracking_uri:
+        print(f"MLflow: {tracking_uri}")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import compile_pipeline
+
+    path = compile_pipeline(args.output, _options(args))
+    print(f"compiled {path}")
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    import kfp
+
+    return kfp.Client(host=args.host, namespace=args.namespace)
+
+
+def _arguments(args: argparse.Namespace) -> dict[str, str]:
+    from cycleqd.config import load_config
+
+    config = load_config(args.config)  # fail here, not in the cluster
+    return {
+        "campaign_config": config.to_yaml(),
+        "campaign_store_uri": args.store,
+        "tracking_uri": args.tracking_uri or "",
+    }
+
+
+def _package(args: argparse.Namespace, folder: Path) -> str:
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import compile_pipeline
+
+    return str(compile_pipeline(folder / "cycleqd_pipeline.yaml", _options(args)))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    arguments = _arguments(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _client(args).create_run_from_pipeline_package(
+            _package(args, Path(tmp)),
+            arguments=arguments,
+            experiment_name=args.experiment,
+            run_name=args.run_name,
+        )
+    print(f"submitted run {run.run_id}")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    """A recurring run: each firing continues the campaign; max concurrency 1, no catch-up,
+    so a firing never overlaps the previous run (the campaign's lease refuses it anyway)."""
+    import tempfile
+
+    arguments = _arguments(args)
+    client = _client(args)
+    experiment = client.create_experiment(args.experiment, namespace=args.namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=args.run_name,
+            cron_expression=args.cron,
+            max_concurrency=1,
+            no_catchup=True,
+            pipeline_package_path=_package(args, Path(tmp)),
+            params=arguments,
+        )
+    print(f"scheduled recurring run {job.recurring_run_id} ({args.cron})")
+    return 0
+
+
+def _add_commands(sub) -> None:
+    run = sub.choices["run"]
+    run.add_argument(
+        "--engine",
+        choices=["kfp-local", "in-process"],
+        default="kfp-local",
+        help="kfp-local: the pipeline through kfp.local (default); in-process: one Python loop",
+    )
+    run.set_defaults(handler=_run)
+
+    def pipeline_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--generations-per-run",
+            type=int,
+            default=4,
+            help="generation sub-pipelines unrolled per run",
+        )
+        parser.add_argument(
+            "--parallelism", type=int, default=4, help="children evaluated at once (GPUs)"
+        )
+        parser.add_argument(
+            "--s3-secret", default="cycleqd-s3", help="Kubernetes secret with the S3 credentials"
+        )
+
+    compile_ = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")
+    compile_.add_argument("--output", default="pipelines/cycleqd_pipeline.yaml")
+    pipeline_options(compile_)
+    compile_.set_defaults(handler=_compile)
+
+    for name, handler, text in (
+        ("submit", _submit, "start one run on a KFP cluster"),
+        ("schedule", _schedule, "create a recurring run"),
+    ):
+        parser = sub.add_parser(name, help=text)
+        parser.add_argument("--host", required=True, help="KFP API endpoint")
+        parser.add_argument("--namespace", default=None)
+        parser.add_argument("--config", required=True, help="campaign YAML")
+        parser.add_argument("--store", required=True, help="campaign store: s3://bucket/prefix")
+        parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI")
+        parser.add_argument("--experiment", default="cycleqd")
+        parser.add_argument("--run-name", default="cycleqd")
+        pipeline_options(parser)
+        if name == "schedule":
+            parser.add_argument(
+                "--cron", default="0 0 * * * *", help="KFP cron (6 fields, with seconds)"
+            )
+        parser.set_defaults(handler=handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return core.main(argv, extend=_add_commands)
+    except CycleQDError as exc:  # pragma: no cover - core.main already reports these
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

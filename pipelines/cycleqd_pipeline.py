@@ -1,0 +1,173 @@
+"""The CycleQD pipeline: preflight -> seed -> N unrolled generations -> export.
+
+KFP v2 has no while loop, so each run unrolls `generations_per_run` generation sub-pipelines
+at compile time; every generation picks up from the campaign's last committed generation in
+the store, and does nothing once the campaign's target is reached. A recurring run therefore
+continues the search where the previous run stopped, and a retried run never redoes a
+committed generation. Caching is off for every stateful task: a cached breed or commit would
+replay stale archive state.
+
+Parameters (grouped by stage):
+    campaign_config     the campaign YAML (see README "Configuration"); fixed per campaign
+                        except `generations`, which a later run may raise
+    campaign_store_uri  where the campaign lives: s3://bucket/prefix (credentials from the
+                        Kubernetes secret named at compile time, never in this YAML)
+    tracking_uri        MLflow tracking URI; empty: no tracking
+"""
+
+# No `from __future__ import annotations` here: KFP reads the pipelines' annotations as types.
+
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from cycleqd_kfp.components.breed.component import breed
+from cycleqd_kfp.components.commit.component import commit
+from cycleqd_kfp.components.evaluate.component import evaluate
+from cycleqd_kfp.components.export.component import export
+from cycleqd_kfp.components.preflight.component import preflight
+from cycleqd_kfp.components.release.component import release
+from cycleqd_kfp.components.seed.component import seed
+
+COMPILED = Path(__file__).with_name("cycleqd_pipeline.yaml")
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Compile-time settings: KFP fixes loop bounds and resources when compiling."""
+
+    generations_per_run: int = 4
+    parallelism: int = 4  # evaluation tasks at once: the number of GPUs to use
+    s3_secret: str = "cycleqd-s3"
+    gpu_resource: str = "nvidia.com/gpu"
+    gpus_per_evaluation: int = 1
+    evaluation_memory: str = "64G"
+    evaluation_cpu: str = "8"
+    shared_memory: str = "16Gi"
+    evaluation_retries: int = 2
+
+
+def _with_s3_secret(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=options.s3_secret,
+        secret_key_to_env={k: k for k in S3_ENV},
+        optional=True,
+    )
+    return task.set_caching_options(False)
+
+
+def _on_gpu(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
+    task.set_accelerator_type(options.gpu_resource)
+    task.set_accelerator_limit(options.gpus_per_evaluation)
+    task.set_memory_limit(options.evaluation_memory).set_cpu_limit(options.evaluation_cpu)
+    # vLLM and torch workers share tensors through /dev/shm; the default 64 MiB is too small.
+    kubernetes.empty_dir_mount(
+        task,
+        volume_name="dshm",
+        mount_path="/dev/shm",
+        medium="Memory",
+        size_limit=options.shared_memory,
+    )
+    kubernetes.add_toleration(
+        task, key=options.gpu_resource, operator="Exists", effect="NoSchedule"
+    )
+    return _with_s3_secret(task, options)
+
+
+def build_pipeline(options: PipelineOptions = PipelineOptions()):
+    @dsl.pipeline(name="cycleqd-generation", description="Breed, evaluate, commit one generation.")
+    def generation(
+        campaign_config: str, campaign_store_uri: str, tracking_uri: str, run_owner: str
+    ):
+        bred = _with_s3_secret(
+            breed(
+                campaign_config=campaign_config, store_uri=campaign_store_uri, run_owner=run_owner
+            ),
+            options,
+        ).set_display_name("breed")
+        with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_id:
+            scored = _on_gpu(
+                evaluate(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    genome_id=genome_id,
+                ),
+                options,
+            ).set_display_name("evaluate child")
+            scored.set_retry(
+                num_retries=options.evaluation_retries, backoff_duration="30s", backoff_factor=2
+            )
+        _with_s3_secret(
+            commit(
+                campaign_config=campaign_config,
+                store_uri=campaign_store_uri,
+                tracking_uri=tracking_uri,
+                run_owner=run_owner,
+            ),
+            options,
+        ).set_display_name("commit archives").after(scored)
+
+    @dsl.pipeline(
+        name="cycleqd",
+        description="CycleQD: merge expert LLMs by quality-diversity search over model weights.",
+    )
+    def cycleqd(campaign_config: str, campaign_store_uri: str, tracking_uri: str = ""):
+        run_owner = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        give_back = _with_s3_secret(
+            release(store_uri=campaign_store_uri, run_owner=run_owner), options
+        ).set_display_name("release campaign")
+        with dsl.ExitHandler(give_back, name="campaign"):
+            checked = _with_s3_secret(
+                preflight(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    tracking_uri=tracking_uri,
+                    run_owner=run_owner,
+                ),
+                options,
+            ).set_display_name("preflight")
+            previous = (
+                _on_gpu(
+                    seed(
+                        campaign_config=campaign_config,
+                        store_uri=campaign_store_uri,
+                        tracking_uri=tracking_uri,
+                        run_owner=run_owner,
+                    ),
+                    options,
+                )
+                .set_display_name("seed archives with experts")
+                .after(checked)
+            )
+            for index in range(options.generations_per_run):
+                previous = (
+                    generation(
+                        campaign_config=campaign_config,
+                        campaign_store_uri=campaign_store_uri,
+                        tracking_uri=tracking_uri,
+                        run_owner=run_owner,
+                    )
+                    .set_display_name(f"generation +{index + 1}")
+                    .set_caching_options(False)
+                    .after(previous)
+                )
+            _on_gpu(
+                export(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    tracking_uri=tracking_uri,
+                    run_owner=run_owner,
+                ),
+                options,
+            ).set_display_name("export final model").after(previous)
+
+    return cycleqd
+
+
+def compile_pipeline(path: str | Path = COMPILED, options: PipelineOptions = PipelineOptions()):
+    compiler.Compiler().compile(build_pipeline(options), str(path))
+    return Path(path)

@@ -1,0 +1,110 @@
+"""The compiled pipeline: committed and current, loadable, GPU and secrets where they belong,
+and runnable end to end on the CPU through kfp.local."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cycleqd_kfp.pipelines.cycleqd_pipeline import (
+    COMPILED,
+    S3_ENV,
+    PipelineOptions,
+    compile_pipeline,
+)
+
+
+def _documents(path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_committed_yaml_matches_the_source(tmp_path):
+    fresh = compile_pipeline(tmp_path / "fresh.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), (
+        "pipelines/cycleqd_pipeline.yaml is stale: run `cycleqd compile` and commit it"
+    )
+
+
+def test_compiled_yaml_loads_back_with_documented_parameters():
+    from kfp import components
+
+    loaded = components.load_component_from_file(str(COMPILED))
+    assert set(loaded.component_spec.inputs) == {
+        "campaign_config",
+        "campaign_store_uri",
+        "tracking_uri",
+    }
+
+
+def _executor(spec: dict, task: str) -> dict:
+    executor = spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]
+    return executor
+
+
+def test_evaluation_runs_on_a_gpu_with_shared_memory_and_tolerations():
+    spec, platform = _documents(COMPILED)
+    container = _executor(spec, "evaluate")
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert container["resources"]["accelerator"]["resourceCount"] == "1"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate"]
+    assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "evaluator" in container["image"]
+
+
+def test_credentials_come_from_a_kubernetes_secret_never_the_yaml():
+    _, platform = _documents(COMPILED)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in (
+        "exec-breed",
+        "exec-evaluate",
+        "exec-commit",
+        "exec-seed",
+        "exec-export",
+        "exec-preflight",
+        "exec-release",
+    ):
+        (secret,) = executors[name]["secretAsEnv"]
+        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "cycleqd-s3"
+        assert {m["envVar"] for m in secret["keyToEnv"]} == set(S3_ENV)
+    text = COMPILED.read_text()
+    for leaked in ("aws_secret_access_key=", "AKIA", "password"):
+        assert leaked not in text
+
+
+def test_generations_are_unrolled_and_stateful_tasks_never_cached():
+    spec, _ = _documents(COMPILED)
+    dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    generations = [t for t in dag if t.startswith("cycleqd-generation")]
+    assert len(generations) == PipelineOptions().generations_per_run
+    for component in spec["components"].values():
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            assert not task.get("cachingOptions", {}).get("enableCache", False)
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end(tiny_world, tmp_path):
+    """The whole pipeline through kfp.local on the CPU, twice: the second run resumes."""
+    from kfp import local
+
+    from cycleqd import tiny
+    from cycleqd.state import CampaignStore
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import build_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "r"))
+    pipeline = build_pipeline(PipelineOptions(generations_per_run=2, parallelism=2))
+    config = {**tiny.default_config(tiny_world, generations=3), "population": 2}
+    store = str(tmp_path / "campaign")
+    pipeline(campaign_config=yaml.safe_dump(config), campaign_store_uri=store, tracking_uri="")
+    campaign = CampaignStore(store)
+    assert campaign.latest_generation() == 2
+    assert campaign.read_lease() is None  # the exit handler gave the lease back
+    assert campaign.stored_models("exports")  # the final model of this run
+    pipeline(campaign_config=yaml.safe_dump(config), campaign_store_uri=store, tracking_uri="")
+    assert campaign.latest_generation() == 3  # resumed, stopped at the target
+    snapshot = campaign.read_snapshot(3)
+    children = [g for g in snapshot["genomes"] if g["kind"] == "child"]
+    assert len(children) == 3 * 2
+    assert json.dumps(snapshot)  # a plain JSON document
