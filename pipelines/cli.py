@@ -4,7 +4,10 @@ schedule. The core commands come from `cycleqd.cli`; this module only adds the w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,9 +60,14 @@ def _run_local(args: argparse.Namespace) -> int:
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-local")
     )
     pipeline = build_pipeline(PipelineOptions(generations_per_run=remaining, parallelism=1))
-    pipeline(
-        campaign_config=config.to_yaml(), campaign_store_uri=store_uri, tracking_uri=tracking_uri
-    )
+    log_path = workdir / "kfp-local.log"
+    print(f"task logs: {log_path}", flush=True)
+    with _progress(CampaignStore(store_uri), config), _output_to(log_path):
+        pipeline(
+            campaign_config=config.to_yaml(),
+            campaign_store_uri=store_uri,
+            tracking_uri=tracking_uri,
+        )
     elapsed = time.perf_counter() - started
 
     store = CampaignStore(store_uri)
@@ -74,6 +82,71 @@ def _run_local(args: argparse.Namespace) -> int:
     if tracking_uri:
         print(f"MLflow: {tracking_uri}")
     return 0
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's and its subprocesses' output (kfp.local's task logs) to a file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def _progress(store, config):
+    """Print each generation as the pipeline commits it (read from the store)."""
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    done = threading.Event()
+    last = store.latest_generation()
+
+    def report(generation: int) -> None:
+        snapshot = store.read_snapshot(generation)
+        children = [g for g in snapshot["genomes"] if g.get("generation") == generation]
+        best = "  ".join(
+            f"{skill} best {max((e['quality'] for e in cells), default=0):.3f}"
+            for skill, cells in snapshot["archives"].items()
+        )
+        fill = sum(len(cells) for cells in snapshot["archives"].values())
+        terminal.write(
+            f"gen {generation:4d}/{config.generations}  {len(children)} child(ren)  "
+            f"{fill} elites  {best}\n"
+        )
+
+    def catch_up() -> None:
+        nonlocal last
+        try:
+            latest = store.latest_generation()
+            while latest is not None and (last is None or latest > last):
+                last = 0 if last is None else last + 1
+                report(last)
+        except CycleQDError:
+            pass  # a snapshot being written: the next look will see it
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            catch_up()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        catch_up()
+        terminal.close()
 
 
 def _compile(args: argparse.Namespace) -> int:
