@@ -228,7 +228,7 @@ def names(path: str | Path | None = None) -> list[str]:
 
 
 def third_party_names(path: str | Path | None = None) -> list[str]:
-    return list((load(path).get("third_party") or {}))
+    return list(load(path).get("third_party") or {})
 
 
 def _entry(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -239,9 +239,7 @@ def _entry(name: str, data: dict[str, Any]) -> dict[str, Any]:
         raise KeyError(f"no image {name!r} in images.yaml; known: {', '.join(known)}") from None
 
 
-def image_for(
-    name: str, *, registry: str | None = None, path: str | Path | None = None
-) -> str:
+def image_for(name: str, *, registry: str | None = None, path: str | Path | None = None) -> str:
     """The pinned reference of image `name` (built here, or third-party)."""
     data = load(path)
     third = data.get("third_party") or {}

@@ -190,6 +190,7 @@ def _submit(args: argparse.Namespace) -> int:
             arguments=arguments,
             experiment_name=args.experiment,
             run_name=args.run_name,
+            service_account=args.service_account,
         )
     print(f"submitted run {run.run_id}")
     return 0
@@ -211,6 +212,7 @@ def _schedule(args: argparse.Namespace) -> int:
             max_concurrency=1,
             no_catchup=True,
             pipeline_package_path=_package(args, Path(tmp)),
+            service_account=args.service_account,
             params=arguments,
         )
     print(f"scheduled recurring run {job.recurring_run_id} ({args.cron})")
@@ -258,6 +260,11 @@ def _add_commands(sub) -> None:
         parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI")
         parser.add_argument("--experiment", default="cycleqd")
         parser.add_argument("--run-name", default="cycleqd")
+        parser.add_argument(
+            "--service-account",
+            default="cycleqd-pipeline",
+            help="the runs' service account (manifests/ creates it)",
+        )
         pipeline_options(parser)
         if name == "schedule":
             parser.add_argument(

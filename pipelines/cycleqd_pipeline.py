@@ -17,7 +17,6 @@ Parameters (grouped by stage):
 
 # No `from __future__ import annotations` here: KFP reads the pipelines' annotations as types.
 
-
 from dataclasses import dataclass
 from pathlib import Path
 

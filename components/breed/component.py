@@ -3,7 +3,7 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def breed(campaign_config: str, store_uri: str, run_owner: str) -> list:
     """The next generation's children as genome ids (recipes in the store; a few KB each).
     Empty once the campaign has reached its target number of generations."""

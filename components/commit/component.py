@@ -3,7 +3,7 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def commit(
     campaign_config: str,
     store_uri: str,

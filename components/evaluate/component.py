@@ -3,7 +3,7 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import EVALUATOR_IMAGE
 
 
-@dsl.component(base_image=EVALUATOR_IMAGE)
+@dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
 def evaluate(campaign_config: str, store_uri: str, genome_id: str, scores: dsl.Output[dsl.Metrics]):
     """Materialise one child from its recipe and score it on every skill. The result is kept
     in the store, so a retried task reads it back instead of evaluating again."""

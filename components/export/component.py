@@ -3,7 +3,7 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import EVALUATOR_IMAGE
 
 
-@dsl.component(base_image=EVALUATOR_IMAGE)
+@dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
 def export(
     campaign_config: str,
     store_uri: str,

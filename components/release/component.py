@@ -3,7 +3,7 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import CPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def release(store_uri: str, run_owner: str):
     """Give the run's lease on the campaign back (the pipeline's exit handler)."""
     from cycleqd import steps
