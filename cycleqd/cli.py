@@ -165,6 +165,49 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Copy an exported model (the campaign's final merge by default) out of the store."""
+    from cycleqd.state import CampaignStore
+
+    store = CampaignStore(args.campaign)
+    exported = store.stored_models("exports")
+    if not exported:
+        raise CycleQDError(
+            f"{store.uri} has no exported model yet: run the pipeline (its export step) or "
+            "`cycleqd run` to the end first"
+        )
+    genome = args.genome or _latest_export(store, exported)
+    if genome not in exported:
+        raise CycleQDError(f"{store.uri} has no exported model {genome}; it has {exported}")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    prefix = f"exports/{genome}/"
+    for key in store.store.list(prefix):
+        store.store.get_file(key, output / key[len(prefix) :])  # sha256-verified
+    print(f"exported model {genome} -> {output}")
+    return 0
+
+
+def _latest_export(store, exported: list[str]) -> str:
+    """The export whose genome is the final merge of the last committed archives."""
+    import yaml
+
+    from cycleqd.archive import ArchiveSet
+    from cycleqd.campaign import final_genome
+    from cycleqd.config import parse_config
+
+    config = parse_config(yaml.safe_load(store.read_config_text() or "{}"), source="store config")
+    archives = ArchiveSet.for_config(config)
+    archives.load_dict(store.read_snapshot(store.latest_generation())["archives"])
+    genome = final_genome(archives).id
+    if genome not in exported:
+        raise CycleQDError(
+            f"the final merge of the last generation ({genome}) was not exported yet; "
+            f"exported: {exported} (pass --genome to pick one)"
+        )
+    return genome
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The core commands; `extend(subparsers)` adds more (the Kubeflow layer's)."""
     parser = argparse.ArgumentParser(prog="cycleqd", description=__doc__)
@@ -191,6 +234,11 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a campaign folder")
     inspect.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
     inspect.set_defaults(handler=_inspect)
+    export = sub.add_parser("export", help="copy a campaign's final model out of its store")
+    export.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
+    export.add_argument("--output", required=True, help="local folder (HF layout)")
+    export.add_argument("--genome", help="an exported genome id (default: the final merge)")
+    export.set_defaults(handler=_export)
     if extend is not None:
         extend(sub)
     return parser

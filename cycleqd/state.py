@@ -49,8 +49,27 @@ class CampaignLockedError(CycleQDError):
 class Lease:
     owner: str
     host: str
-    pid: int
+    pid: int  # the process that holds it: a local driver, or the task that wrote it
     expires_at: float
+    driver: bool = False  # `pid` outlives the lease's tasks: when it is gone, so is the run
+
+    def is_live(self) -> bool:
+        """Not expired and, for a driver on this very host, that process still runs."""
+        if self.expires_at <= time.time():
+            return False
+        if self.driver and self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return True
+
+
+# A process that drives a run's tasks (`cycleqd run` through kfp.local) exports its pid here;
+# its tasks' leases then die with it instead of blocking the campaign until they expire.
+DRIVER_PID_ENV = "CYCLEQD_DRIVER_PID"
 
 
 class CampaignStore:
@@ -149,7 +168,7 @@ class CampaignStore:
         """
         current = self.read_lease()
         owner = self._lease_owner or uuid.uuid4().hex
-        if current and current.owner != owner and current.expires_at > time.time():
+        if current and current.owner != owner and current.is_live():
             raise CampaignLockedError(self.locked_message(current))
         self._write_lease(owner, ttl)
         time.sleep(settle)
@@ -182,7 +201,11 @@ class CampaignStore:
         try:
             data = json.loads(self.store.get_bytes("lease.json"))
             return Lease(
-                str(data["owner"]), str(data["host"]), int(data["pid"]), float(data["expires_at"])
+                str(data["owner"]),
+                str(data["host"]),
+                int(data["pid"]),
+                float(data["expires_at"]),
+                bool(data.get("driver", False)),
             )
         except StoreNotFoundError:
             return None
@@ -190,10 +213,13 @@ class CampaignStore:
             return None  # an unreadable lease protects nothing; the next writer replaces it
 
     def _write_lease(self, owner: str, ttl: float) -> None:
+        driver = os.environ.get(DRIVER_PID_ENV, "")
         lease = {
             "owner": owner,
             "host": socket.gethostname(),
-            "pid": os.getpid(),
+            "pid": int(driver) if driver.isdigit() else os.getpid(),
+            # In process, the holder is the driver; a cluster task's pid says nothing.
+            "driver": driver.isdigit() or not self._shared_owner,
             "expires_at": time.time() + ttl,
         }
         self.store.put_bytes("lease.json", json.dumps(lease).encode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -89,7 +88,7 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
                 "`generations` may change. Point store_uri at a new prefix for a new campaign."
             )
     lease = store.read_lease()
-    if lease is not None and lease.owner != owner and lease.expires_at > time.time():
+    if lease is not None and lease.owner != owner and lease.is_live():
         raise CampaignLockedError(store.locked_message(lease))
     if tracking_uri:
         _check_mlflow(tracking_uri)
@@ -210,6 +209,4 @@ def elite_maps_html(config_yaml: str, store_uri: str) -> str:
         render(data, latest).savefig(buffer, format="png")
         encoded = base64.b64encode(buffer.getvalue()).decode()
         images.append(f'<img alt="elite map {skill}" src="data:image/png;base64,{encoded}"/>')
-    return (
-        f"<h3>{config.name}: archives after generation {latest}</h3>\n" + "\n".join(images)
-    )
+    return f"<h3>{config.name}: archives after generation {latest}</h3>\n" + "\n".join(images)

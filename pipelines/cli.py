@@ -38,10 +38,11 @@ def _run_local(args: argparse.Namespace) -> int:
 
     from cycleqd.campaign import Campaign
     from cycleqd.evaluators import build_evaluator
-    from cycleqd.state import CampaignStore
+    from cycleqd.state import DRIVER_PID_ENV, CampaignStore
     from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
 
     workdir = Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
     config = core.prepare_config(args)
     store_uri = args.store or str(workdir / "campaign")
     tracking_uri = (
@@ -55,6 +56,7 @@ def _run_local(args: argparse.Namespace) -> int:
         f"running {remaining} generation(s) through kfp.local (each stage a subprocess) ...",
         flush=True,
     )
+    os.environ[DRIVER_PID_ENV] = str(os.getpid())  # a killed run's lease dies with it
     started = time.perf_counter()
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-local")

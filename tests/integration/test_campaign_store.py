@@ -130,3 +130,24 @@ def test_campaign_in_s3_resumes_from_another_process_view(
         name = "model.layers.0.mlp.gate_proj.weight"
         assert handle.get(name).equal(local.store.open_model(stored[0]).get(name))
         assert resumed.store.model_uri(stored[0]).startswith(f"s3://{seaweed.bucket}/{prefix}/")
+
+
+def test_lease_of_a_killed_local_driver_is_taken_over_at_once(tmp_path, monkeypatch):
+    import subprocess
+
+    from cycleqd.state import DRIVER_PID_ENV
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    monkeypatch.setenv(DRIVER_PID_ENV, str(gone.pid))
+    CampaignStore(tmp_path, owner="killed-run").acquire(settle=0)
+    monkeypatch.delenv(DRIVER_PID_ENV)
+    lease = CampaignStore(tmp_path).read_lease()
+    assert lease.driver and lease.pid == gone.pid and not lease.is_live()
+    CampaignStore(tmp_path, owner="next-run").acquire(settle=0)
+    assert CampaignStore(tmp_path).read_lease().owner == "next-run"
+    # A cluster task's lease (no driver) is only ever given up by expiry.
+    CampaignStore(tmp_path / "k8s", owner="pod-run").acquire(settle=0)
+    assert not CampaignStore(tmp_path / "k8s").read_lease().driver
+    with pytest.raises(CampaignLockedError):
+        CampaignStore(tmp_path / "k8s", owner="other").acquire(settle=0)
