@@ -208,6 +208,15 @@ def _latest_export(store, exported: list[str]) -> str:
     return genome
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    """SFT of one expert (LoRA by default) from a fine-tuning YAML; resumes from checkpoints."""
+    from cycleqd.finetune.run import run_finetune
+
+    result = run_finetune(args.config)
+    print(json.dumps(result.to_json(), indent=1))
+    return 0
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The core commands; `extend(subparsers)` adds more (the Kubeflow layer's)."""
     parser = argparse.ArgumentParser(prog="cycleqd", description=__doc__)
@@ -234,6 +243,10 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a campaign folder")
     inspect.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
     inspect.set_defaults(handler=_inspect)
+    finetune = sub.add_parser("finetune", help="fine-tune one expert (see cycleqd/finetune)")
+    finetune.add_argument("config", help="fine-tuning YAML (FinetuneConfig)")
+    finetune.set_defaults(handler=_finetune)
+
     export = sub.add_parser("export", help="copy a campaign's final model out of its store")
     export.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
     export.add_argument("--output", required=True, help="local folder (HF layout)")
