@@ -3,9 +3,6 @@ and runnable end to end on the CPU through kfp.local."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import yaml
 
 from cycleqd_kfp.pipelines.cycleqd_pipeline import (
@@ -84,27 +81,5 @@ def test_generations_are_unrolled_and_stateful_tasks_never_cached():
             assert not task.get("cachingOptions", {}).get("enableCache", False)
 
 
-@pytest.mark.slow
-def test_local_run_end_to_end(tiny_world, tmp_path):
-    """The whole pipeline through kfp.local on the CPU, twice: the second run resumes."""
-    from kfp import local
-
-    from cycleqd import tiny
-    from cycleqd.state import CampaignStore
-    from cycleqd_kfp.pipelines.cycleqd_pipeline import build_pipeline
-
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "r"))
-    pipeline = build_pipeline(PipelineOptions(generations_per_run=2, parallelism=2))
-    config = {**tiny.default_config(tiny_world, generations=3), "population": 2}
-    store = str(tmp_path / "campaign")
-    pipeline(campaign_config=yaml.safe_dump(config), campaign_store_uri=store, tracking_uri="")
-    campaign = CampaignStore(store)
-    assert campaign.latest_generation() == 2
-    assert campaign.read_lease() is None  # the exit handler gave the lease back
-    assert campaign.stored_models("exports")  # the final model of this run
-    pipeline(campaign_config=yaml.safe_dump(config), campaign_store_uri=store, tracking_uri="")
-    assert campaign.latest_generation() == 3  # resumed, stopped at the target
-    snapshot = campaign.read_snapshot(3)
-    children = [g for g in snapshot["genomes"] if g["kind"] == "child"]
-    assert len(children) == 3 * 2
-    assert json.dumps(snapshot)  # a plain JSON document
+# The pipeline's end-to-end runs through kfp.local (real S3 and MLflow, a killed run that
+# resumes) are in tests/integration/test_pipeline_local.py.
