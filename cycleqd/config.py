@@ -135,12 +135,14 @@ class CampaignConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names allowed at a location of the config (for unknown-field errors)."""
-    model: type[BaseModel] = CampaignConfig
+def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at a location of a config (for unknown-field errors)."""
+    model = root
     for part in loc:
         if isinstance(part, int):
             continue
+        if part not in model.model_fields:
+            return []
         annotation = model.model_fields[part].annotation
         inner = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type)]
         models = [a for a in inner if issubclass(a, BaseModel)]
@@ -150,14 +152,14 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "(top level)"
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "literal_error":
         return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
     if kind == "extra_forbidden":
-        allowed = ", ".join(_fields_at(error["loc"][:-1]))
+        allowed = ", ".join(_fields_at(root, error["loc"][:-1]))
         return f"{where}: unknown field; allowed here: {allowed}"
     if kind == "missing":
         return f"{where}: required field is missing"
@@ -167,6 +169,13 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message} (got {error.get('input')!r})"
 
 
+def describe_validation_error(root: type[BaseModel], exc: ValidationError, source: str) -> str:
+    """Every problem of a pydantic validation as one line naming the field and what is
+    allowed: shared by every typed config of the project."""
+    problems = "\n".join(f"  - {_describe(root, e)}" for e in exc.errors())
+    return f"{source} is invalid:\n{problems}"
+
+
 def parse_config(data: Any, source: str = "config") -> CampaignConfig:
     """Validate a mapping into a CampaignConfig, or raise ConfigError listing every problem."""
     if not isinstance(data, dict):
@@ -174,8 +183,7 @@ def parse_config(data: Any, source: str = "config") -> CampaignConfig:
     try:
         return CampaignConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ConfigError(f"{source} is invalid:\n{problems}") from None
+        raise ConfigError(describe_validation_error(CampaignConfig, exc, source)) from None
 
 
 def load_config(path: str | Path) -> CampaignConfig:

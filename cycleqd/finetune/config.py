@@ -27,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cycleqd.config import describe_validation_error
 from cycleqd.errors import ConfigError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,37 +154,6 @@ class FinetuneConfig(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = FinetuneConfig
-    for part in loc:
-        if isinstance(part, int) or part not in model.model_fields:
-            return []
-        annotation = model.model_fields[part].annotation
-        inner = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type)]
-        models = [a for a in inner if issubclass(a, BaseModel)]
-        if not models:
-            return []
-        model = models[0]
-    return list(model.model_fields)
-
-
-def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    if kind == "literal_error":
-        return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
-    if kind == "extra_forbidden":
-        allowed = ", ".join(_fields_at(error["loc"][:-1]))
-        return f"{where}: unknown field; allowed here: {allowed}"
-    if kind == "missing":
-        return f"{where}: required field is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return message if where == "(top level)" else f"{where}: {message}"
-    return f"{where}: {message} (got {error.get('input')!r})"
-
-
 def parse_finetune_config(data: Any, source: str = "fine-tuning config") -> FinetuneConfig:
     """Validate a mapping into a FinetuneConfig, or raise ConfigError listing every problem."""
     if isinstance(data, FinetuneConfig):
@@ -193,8 +163,7 @@ def parse_finetune_config(data: Any, source: str = "fine-tuning config") -> Fine
     try:
         return FinetuneConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ConfigError(f"{source} is invalid:\n{problems}") from None
+        raise ConfigError(describe_validation_error(FinetuneConfig, exc, source)) from None
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
