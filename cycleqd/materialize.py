@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from cycleqd.errors import GenomeError, NonFiniteWeightsError
 from cycleqd.genome import GenomeBook, LinearForm
 from cycleqd.operators import gaussian_noise, is_svd_target, svd_rescale, uniform_factors
-from cycleqd.weights import SafetensorsFolder, TensorSpec
+from cycleqd.weights import FACTORS_FILE, SafetensorsFolder, TensorSpec
 
 # genome id -> stored weights of that genome, or None when it must be built from its recipe.
 WeightsResolver = Callable[[str], SafetensorsFolder | None]
@@ -51,6 +53,7 @@ class Materializer:
         # model in float32, so an unbounded cache would hold several models per pod.
         self._factors: OrderedDict[tuple[str, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._factor_bytes = 0
+        self._factor_files: dict[str, object] = {}
         self.factor_cache_bytes = factor_cache_bytes
 
     def specs(self) -> dict[str, TensorSpec]:
@@ -161,12 +164,38 @@ class Materializer:
             r = coeff * uniform_factors(seed, name, rank, rate)
             scales[expert] = scales[expert] + r if expert in scales else r
         for expert in sorted(scales):
-            u, s, vh = self._expert_factors(expert, name, memo)
-            out.addmm_(u * (s * scales[expert].to(s.device)), vh)
+            factors = self._expert_factors(expert, name, memo)
+            if factors is None:
+                continue  # the expert left this weight unchanged: its task vector is zero
+            u, s, vh = factors
+            # Stored factors may have rank k < min(shape) (LoRA); the first k draws are the
+            # same as in the full-rank case, so both paths build the same mutation.
+            out.addmm_(u * (s * scales[expert][: s.numel()].to(s.device)), vh)
+
+    def _stored_factors(self, expert: str):
+        """The expert's task-vector factors written at fine-tuning time, if any
+        (`task_vector/factors.safetensors` beside its weights), opened once."""
+        if expert not in self._factor_files:
+            handle = None
+            folder = getattr(self.resolve(expert), "folder", None)
+            path = Path(str(folder)) / FACTORS_FILE if folder is not None else None
+            if path is not None and path.is_file():
+                opened = safe_open(str(path), framework="pt", device="cpu")
+                handle = (opened, set(opened.keys()))
+            self._factor_files[expert] = handle
+        return self._factor_files[expert]
 
     def _expert_factors(
         self, expert: str, name: str, memo: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, ...] | None:
+        stored = self._stored_factors(expert)
+        if stored is not None:
+            handle, keys = stored
+            if f"{name}.U" not in keys:
+                return None
+            return tuple(
+                handle.get_tensor(f"{name}.{part}").to(self.device) for part in ("U", "S", "Vh")
+            )
         key = (expert, name)
         if key in self._factors:
             self._factors.move_to_end(key)

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from cycleqd.errors import MissingTensorError, ModelMismatchError
 
 MANIFEST = "cycleqd-manifest.json"
+# Where fine-tuning leaves an expert's task-vector SVD factors, beside its weights.
+FACTORS_FILE = "task_vector/factors.safetensors"
 
 _DTYPE_CODES = {
     torch.float32: "F32",

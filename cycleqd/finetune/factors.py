@@ -37,9 +37,7 @@ from cycleqd.objectstore import (
     read_manifest,
 )
 from cycleqd.operators import is_svd_target
-from cycleqd.weights import TensorSpec, write_safetensors
-
-FACTORS_FILE = "task_vector/factors.safetensors"
+from cycleqd.weights import FACTORS_FILE, TensorSpec, write_safetensors
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

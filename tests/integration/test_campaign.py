@@ -217,3 +217,45 @@ def test_exported_model_loads_with_from_pretrained(tiny_world, probe_evaluator, 
         model = LlamaForCausalLM.from_pretrained(folder)
         name = "model.layers.0.mlp.up_proj.weight"
         assert torch.equal(model.state_dict()[name], campaign.materializer.tensor(gid, name))
+
+
+def test_stored_low_rank_factors_give_the_same_child(tiny_world, probe_evaluator, tmp_path):
+    """Experts that come with their task-vector factors (written at fine-tuning time, rank k)
+    are never decomposed again, and the child equals the one built from a fresh full SVD."""
+    import shutil
+
+    from cycleqd.finetune.factors import full_factors, write_factors
+    from cycleqd.weights import FACTORS_FILE, SafetensorsFolder
+
+    experts = dict(tiny_world["experts"])
+    copy = tmp_path / "expert-with-factors"
+    shutil.copytree(experts["probe_c"], copy)
+    base, expert = SafetensorsFolder(tiny_world["base"]), SafetensorsFolder(copy)
+    targets = {n: expert.specs()[n].shape for n in expert.names() if "proj" in n}
+    # tiny.build_expert adds rank-4 task vectors: rank-4 factors hold all of them.
+    (copy / "task_vector").mkdir()
+    write_factors(
+        copy / FACTORS_FILE,
+        {n: (shape, 4) for n, shape in targets.items()},
+        lambda n: full_factors(expert.get(n) - base.get(n), rank=4),
+        kind="full",
+    )
+    world = {"base": tiny_world["base"], "experts": {**experts, "probe_c": str(copy)}}
+    fresh = _campaign(tiny_world, probe_evaluator, tmp_path / "fresh")
+    stored = _campaign(world, probe_evaluator, tmp_path / "stored")
+    children = []
+    for campaign in (fresh, stored):
+        e = campaign.book.expert_ids()
+        mutation = Mutation("svd_expert", 11, 0.5, e["probe_c"])
+        children.append(
+            campaign.book.add(Genome("child", (e["probe_a"], e["probe_b"]), (0.5, 0.5), mutation))
+        )
+    for name in targets:
+        torch.testing.assert_close(
+            stored.materializer.tensor(children[1], name),
+            fresh.materializer.tensor(children[0], name),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    assert stored.materializer._factors == {}  # nothing was decomposed
+    assert fresh.materializer._factors  # the other path did decompose

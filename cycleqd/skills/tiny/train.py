@@ -1,0 +1,420 @@
+"""The tiny world's models: a shared base and one expert per family, trained on a CPU.
+
+- `world_tokenizer`: the tiny byte-level BPE (`cycleqd.generate.tiny_tokenizer`) trained on the
+  world's own text, so prompts are short;
+- `new_model`: a random Llama (standard init) of a `ModelShape`;
+- `train`: a minimal full fine-tuning loop (AdamW, warmup + cosine, loss on assistant tokens
+  only, the chat template exactly as `TransformersBackend` prompts);
+- `build_world`: tokenizer -> base (random init, trained on the mixed general set) -> experts
+  (each fine-tuned from the base on its family), saved as HF folders; returns the `models`
+  section of a campaign config;
+- `average_merge`: theta_base + mean of the experts' task vectors;
+- ``python -m cycleqd.skills.tiny.train OUT``: builds a world and prints the feasibility report
+  (minutes per model, each model's three scores, the average merge's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cycleqd.skills.tiny.data import Example, general_examples, skill_examples, write_jsonl
+from cycleqd.skills.tiny.tasks import FAMILIES, generate, skill_templates, warmup_templates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int = 160
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 432
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    lr: float = 3e-3
+    batch_size: int = 32
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_len: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    level: int = 2
+    vocab_size: int = 512
+    shape: ModelShape = field(default_factory=ModelShape)
+    n_warmup: int = 800  # warm-up examples per family in the base's general set
+    n_general_skill: int = 24  # skill examples per family in the base's general set
+    n_skill: int = 4000  # examples per expert
+    base: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=600, lr=3e-3, batch_size=16)
+    )
+    expert: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=500, lr=1e-3, batch_size=16)
+    )
+    families: tuple[str, ...] = FAMILIES
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+def world_corpus(seed: int = 0, level: int = 2, per_template: int = 40) -> list[str]:
+    texts: list[str] = []
+    for family in FAMILIES:
+        for templates in (skill_templates(family), warmup_templates(family)):
+            n = per_template * len(templates)
+            for s in generate(
+                family, n, seed=seed + 777, split="train", level=level, templates=templates
+            ):
+                texts += [s.question, s.answer]
+    return texts
+
+
+def world_tokenizer(vocab_size: int = 512, seed: int = 0, level: int = 2):
+    from cycleqd.generate.tiny_tokenizer import build_tokenizer
+
+    return build_tokenizer(vocab_size, corpus=world_corpus(seed, level))
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+def new_model(tokenizer, shape: ModelShape = ModelShape(), seed: int = 0):
+    """A random Llama with the standard (std 0.02) init, sized to the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def n_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model, tokenizer, folder: str | Path) -> Path:
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_model(folder: str | Path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def encode(tokenizer, example: Example, max_len: int = 256) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the prompt exactly as the backend sends it, then the answer and
+    the end-of-turn token; labels are -100 on the prompt."""
+    messages = example["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a training example must end with an assistant message")
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(messages[-1]["content"].strip(), add_special_tokens=False)["input_ids"]
+    a_ids = [*a_ids, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    ids = (p_ids + a_ids)[-max_len:]
+    labels = ([-100] * len(p_ids) + a_ids)[-max_len:]
+    return ids, labels
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    tokens: int
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    on_log: Callable[[int, float], None] | None = None,
+    log_every: int = 50,
+) -> TrainStats:
+    """Full fine-tuning of `model` on `examples` (in place); loss on assistant tokens only."""
+    started = time.monotonic()
+    data = [encode(tokenizer, e, cfg.max_len) for e in examples]
+    if not data:
+        raise ValueError("no training examples")
+    pad = tokenizer.pad_token_id
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        floor = cfg.min_lr_ratio
+        return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    order: list[int] = []
+    first = last = float("nan")
+    running = None
+    tokens = 0
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            more = list(range(len(data)))
+            rng.shuffle(more)
+            order += more
+        batch = [data[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (x, y) in enumerate(batch):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
+        tokens += int(mask.sum())
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        value = loss.item()
+        running = value if running is None else 0.9 * running + 0.1 * value
+        if step == 0:
+            first = value
+        last = running
+        if on_log and (step % log_every == 0 or step == cfg.steps - 1):
+            on_log(step, running)
+    model.eval()
+    return TrainStats(cfg.steps, len(data), time.monotonic() - started, first, last, tokens)
+
+
+# ---------------------------------------------------------------------------------- merging
+
+
+def state_of(folder: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def linear_merge(
+    base: dict[str, torch.Tensor],
+    experts: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """theta_base + sum_i w_i (theta_i - theta_base), tensor by tensor."""
+    out = {}
+    for name, b in base.items():
+        delta = sum(
+            w * (e[name].float() - b.float()) for w, e in zip(weights, experts, strict=True)
+        )
+        out[name] = (b.float() + delta).to(b.dtype)
+    return out
+
+
+def average_merge(base, experts):
+    return linear_merge(base, experts, [1.0 / len(experts)] * len(experts))
+
+
+# -------------------------------------------------------------------------------- the world
+
+
+def build_world(
+    root: str | Path,
+    cfg: WorldConfig = WorldConfig(),
+    on_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the base and the experts under `root`; returns
+    ``{"base": folder, "experts": {family: folder}, "report": {...}}``."""
+    say = on_log or (lambda text: log.info("%s", text))
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = world_tokenizer(cfg.vocab_size, cfg.seed, cfg.level)
+    general = general_examples(cfg.n_warmup, cfg.n_general_skill, cfg.seed, cfg.level, cfg.families)
+    write_jsonl(root / "data" / "general.jsonl", general)
+    model = new_model(tokenizer, cfg.shape, cfg.seed)
+    say(f"tokenizer: {len(tokenizer)} tokens; model: {n_parameters(model) / 1e6:.2f}M parameters")
+    report: dict[str, Any] = {"config": asdict(cfg), "parameters": n_parameters(model)}
+
+    def progress(name: str) -> Callable[[int, float], None]:
+        return lambda step, loss: say(f"  {name} step {step}: loss {loss:.4f}")
+
+    stats = train(model, tokenizer, general, cfg.base, on_log=progress("base"))
+    base = save_model(model, tokenizer, root / "base")
+    say(f"base: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> {stats.last_loss:.3f}")
+    report["base"] = asdict(stats)
+    experts: dict[str, str] = {}
+    for i, family in enumerate(cfg.families):
+        examples = skill_examples(family, cfg.n_skill, cfg.seed, cfg.level)
+        write_jsonl(root / "data" / f"{family}.jsonl", examples)
+        model, _ = load_model(base)
+        expert_cfg = TrainConfig(**{**asdict(cfg.expert), "seed": cfg.expert.seed + i + 1})
+        stats = train(model, tokenizer, examples, expert_cfg, on_log=progress(family))
+        experts[family] = str(save_model(model, tokenizer, root / f"expert-{family}"))
+        say(
+            f"{family} expert: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> "
+            f"{stats.last_loss:.3f}"
+        )
+        report[family] = asdict(stats)
+    (root / "world.json").write_text(
+        json.dumps({"base": str(base), "experts": experts, "report": report}, indent=2)
+    )
+    return {"base": str(base), "experts": experts, "report": report}
+
+
+def campaign_config(models: dict[str, Any], name: str = "tiny-world", generations: int = 30):
+    """A campaign config (dict) over a built world: the three tiny skills, BC range [0, 1]."""
+    return {
+        "name": name,
+        "seed": 0,
+        "generations": generations,
+        "population": 1,
+        "skills": [{"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15} for f in FAMILIES],
+        "models": {"base": models["base"], "experts": dict(models["experts"])},
+    }
+
+
+def score_world(
+    world: dict[str, Any],
+    n_samples: int = 96,
+    seed: int = 0,
+    level: int = 2,
+    merges: Iterable[tuple[str, Sequence[float]]] = (("average", (1 / 3, 1 / 3, 1 / 3)),),
+) -> dict[str, dict[str, float]]:
+    """Every model's scores (base, experts, the given linear merges of the experts)."""
+    from cycleqd.skills.tiny.skill import TinyWorldEvaluator
+
+    evaluator = TinyWorldEvaluator(world["base"], n_samples=n_samples, seed=seed, level=level)
+    base = state_of(world["base"])
+    experts = {f: state_of(p) for f, p in world["experts"].items()}
+    scores: dict[str, dict[str, float]] = {"base": evaluator.evaluate("base", base.items())}
+    for family, state in experts.items():
+        scores[f"expert-{family}"] = evaluator.evaluate(family, state.items())
+    for name, weights in merges:
+        merged = linear_merge(base, list(experts.values()), weights)
+        scores[name] = evaluator.evaluate(name, merged.items())
+    return scores
+
+
+def format_scores(scores: dict[str, dict[str, float]]) -> str:
+    families = list(next(iter(scores.values())))
+    head = f"{'model':<22}" + "".join(f"{f:>12}" for f in families) + f"{'mean':>8}"
+    lines = [head]
+    for name, row in scores.items():
+        mean = sum(row.values()) / len(row)
+        lines.append(
+            f"{name:<22}" + "".join(f"{row[f]:>12.3f}" for f in families) + f"{mean:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build and score the tiny skill world.")
+    parser.add_argument("out", help="folder for the base, the experts and the data")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine, 2 threads ran 4x slower than 1)",
+    )
+    parser.add_argument("--samples", type=int, default=96, help="evaluation samples per skill")
+    parser.add_argument("--config", default="{}", help="WorldConfig overrides as JSON")
+    parser.add_argument("--score-only", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = _config_from(json.loads(args.config))
+    out = Path(args.out)
+    if args.score_only:
+        world = json.loads((out / "world.json").read_text())
+    else:
+        world = build_world(out, cfg, on_log=print)
+    merges = [
+        ("average", (1 / 3, 1 / 3, 1 / 3)),
+        ("sum (task arithmetic)", (1.0, 1.0, 1.0)),
+        ("0.5 code", (0.5, 0.25, 0.25)),
+        ("0.5 sql", (0.25, 0.5, 0.25)),
+        ("0.5 shell", (0.25, 0.25, 0.5)),
+    ]
+    started = time.monotonic()
+    scores = score_world(
+        world, n_samples=args.samples, seed=cfg.seed + 1, level=cfg.level, merges=merges
+    )
+    print(format_scores(scores))
+    print(f"scoring: {time.monotonic() - started:.1f} s for {len(scores)} models")
+    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+
+
+def _config_from(overrides: dict[str, Any]) -> WorldConfig:
+    cfg = WorldConfig()
+    fields: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key == "shape":
+            fields[key] = ModelShape(**{**asdict(cfg.shape), **value})
+        elif key in ("base", "expert"):
+            fields[key] = TrainConfig(**{**asdict(getattr(cfg, key)), **value})
+        elif key == "families":
+            fields[key] = tuple(value)
+        else:
+            fields[key] = value
+    return WorldConfig(**{**{k: getattr(cfg, k) for k in asdict(cfg)}, **fields})
+
+
+if __name__ == "__main__":
+    main()
