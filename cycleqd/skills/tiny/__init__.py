@@ -1,5 +1,5 @@
 """The tiny skill world: three execution-verified skills (Python expressions, SQLite queries,
-shell pipelines) small enough for a ~2M-parameter Llama to learn on a CPU in minutes.
+shell pipelines) small enough for a ~1.3M-parameter Llama to learn on a CPU in minutes.
 
 - `tasks`: seeded generators of (question, reference answer), disjoint train/eval splits;
 - `execute`: where answers run (the project's sandbox, or a limited subprocess) and the checks

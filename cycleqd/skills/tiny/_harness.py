@@ -6,13 +6,17 @@ JSON request on stdin:
 
     {"mode": "code" | "shell", "items": [...], "timeout": s, "cap": bytes, "nonce": str}
 
-- ``code``: items are expressions. Each is evaluated in a forked child (so no answer sees
+- ``code``: items are ``{"expr": str, "vars": {name: value}}`` (or bare expression strings).
+  Each is evaluated, with the variables bound, in a forked child (so no answer sees
   another's side effects) with only a few harmless builtins, under a wall-clock limit (the child
   is SIGKILLed), and its value comes back in canonical JSON form (`canon`).
 - ``shell``: items are ``{"files": [[name, text], ...], "cmd": str}``. Each runs as
   ``bash -c cmd`` in a fresh temporary folder holding only those files, in its own session
   (the whole process group is killed afterwards), with stdin from /dev/null, ``LC_ALL=C`` and a
   minimal PATH; stdout is kept up to ``cap`` bytes.
+
+``rlimits`` (optional: ``{"as": bytes, "fsize": bytes, "cpu": seconds}``) are applied to the
+harness itself before anything runs; every answer's process inherits them.
 
 It writes one line ``<nonce><json>`` to stdout: ``{"results": [...]}``, one result per item.
 """
@@ -41,9 +45,10 @@ def _safe_builtins():
     return {name: getattr(builtins, name) for name in SAFE_BUILTINS}
 
 
-def trusted_eval(expr):
+def trusted_eval(expr, variables=None):
     """Evaluate one of *our own* reference expressions (never a model's: that runs sandboxed)."""
-    return eval(compile(expr, "<reference>", "eval"), {"__builtins__": _safe_builtins()}, {})
+    scope = dict(variables or {})
+    return eval(compile(expr, "<reference>", "eval"), {"__builtins__": _safe_builtins()}, scope)
 
 
 def canon(value):
@@ -136,9 +141,10 @@ def _read_capped(fds, deadline, cap):
     return data, False, truncated
 
 
-def _eval_child(expr, fd, cap):
+def _eval_child(expr, variables, fd, cap):
     try:
-        value = eval(compile(expr, "<answer>", "eval"), {"__builtins__": _safe_builtins()}, {})
+        code = compile(expr, "<answer>", "eval")
+        value = eval(code, {"__builtins__": _safe_builtins()}, dict(variables))
         out = {"ok": True, "value": canon(value)}
     except BaseException as exc:  # whatever the answer raised, even SystemExit
         try:
@@ -156,7 +162,11 @@ def _eval_child(expr, fd, cap):
         data = data[os.write(fd, data) :]
 
 
-def run_code(expr, timeout, cap):
+def run_code(item, timeout, cap):
+    if isinstance(item, str):
+        expr, variables = item, {}
+    else:
+        expr, variables = item["expr"], item.get("vars") or {}
     sys.stdout.flush()
     r, w = os.pipe()
     pid = os.fork()
@@ -164,7 +174,7 @@ def run_code(expr, timeout, cap):
         try:
             os.close(r)
             sys.setrecursionlimit(200)
-            _eval_child(expr, w, cap)
+            _eval_child(expr, variables, w, cap)
         finally:
             os._exit(0)
     os.close(w)
@@ -232,8 +242,20 @@ def run_shell(item, timeout, cap):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _limit(rlimits):
+    import resource
+
+    names = {"as": resource.RLIMIT_AS, "fsize": resource.RLIMIT_FSIZE, "cpu": resource.RLIMIT_CPU}
+    for key, value in (rlimits or {}).items():
+        _soft, hard = resource.getrlimit(names[key])
+        value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        resource.setrlimit(names[key], (value, value))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def main():
     request = json.loads(sys.stdin.buffer.read().decode())
+    _limit(request.get("rlimits"))
     timeout, cap = float(request["timeout"]), int(request["cap"])
     run = run_code if request["mode"] == "code" else run_shell
     results = [run(item, timeout, cap) for item in request["items"]]

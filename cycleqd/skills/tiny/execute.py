@@ -191,19 +191,12 @@ class SubprocessRunner:
 
     kind = "subprocess"
 
-    def __init__(self, memory: int = 1 << 30, file_size: int = 8 << 20) -> None:
-        self.memory, self.file_size = memory, file_size
+    def __init__(self, memory: int = 1 << 30, file_size: int = 8 << 20, cpu: int = 600) -> None:
+        # Applied by the harness to itself before it runs anything (no preexec_fn: this
+        # process may have threads); every answer's process inherits them.
+        self.rlimits = {"as": int(memory), "fsize": int(file_size), "cpu": int(cpu)}
 
     def run(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[bytes, str | None]:
-        def limit() -> None:  # in the child, before exec
-            import resource
-
-            cpu = int(timeout) + 1
-            resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
         with tempfile.TemporaryDirectory(prefix="cycleqd-tiny-") as cwd:
             proc = subprocess.Popen(
                 [sys.executable if argv[0] == "python3" else argv[0], *argv[1:]],
@@ -213,7 +206,6 @@ class SubprocessRunner:
                 cwd=cwd,
                 env={"TMPDIR": cwd},
                 start_new_session=True,
-                preexec_fn=limit,
                 close_fds=True,
             )
             try:
@@ -221,7 +213,11 @@ class SubprocessRunner:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
+                try:
+                    out, _ = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:  # a process outside the group holds a pipe
+                    proc.kill()
+                    out = b""
                 return out, "timeout"
             finally:
                 with contextlib.suppress(OSError):
@@ -243,11 +239,19 @@ class SandboxRunner:
         self.session = backend.open(limits)
 
     def run(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[bytes, str | None]:
-        if self.session is None or not self.session.alive:
-            if self.session is not None:
-                self.session.close()
+        if self.session is not None and not self.session.alive:
+            self.session.close()
+            self.session = None
+        if self.session is None:
             self.session = self.backend.open(self.limits)
-        result = self.session.run(argv, stdin=stdin, timeout=timeout)
+        # A failure to open a session is the host's problem and raises; a session that an
+        # answer broke is the answer's problem: its items fail (and are retried one by one).
+        try:
+            result = self.session.run(argv, stdin=stdin, timeout=timeout)
+        except Exception as exc:
+            self.session.close()
+            self.session = None
+            return b"", f"sandbox error: {exc}"
         if result.timed_out or result.killed_reason or result.exit_code != 0:
             why = result.killed_reason or f"exit {result.exit_code}"
             return result.stdout, f"{why}: {result.text('stderr')[-300:]}"
@@ -274,8 +278,9 @@ class TinyExecutor:
     def kind(self) -> str:
         return self.runner.kind
 
-    def run_code(self, exprs: Sequence[str]) -> list[dict[str, Any]]:
-        return self._batch("code", list(exprs))
+    def run_code(self, items: Sequence[str | dict[str, Any]]) -> list[dict[str, Any]]:
+        """items: expressions, or ``{"expr": str, "vars": {name: value}}`` (JSON values)."""
+        return self._batch("code", list(items))
 
     def run_shell(self, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """jobs: ``{"files": [(name, text), ...], "cmd": str}``."""
@@ -302,6 +307,7 @@ class TinyExecutor:
             "timeout": self.item_timeout,
             "cap": self.cap,
             "nonce": nonce,
+            "rlimits": getattr(self.runner, "rlimits", None),
         }
         timeout = len(items) * (self.item_timeout + 0.5) + 10.0
         argv = ["python3", "-I", "-S", "-c", HARNESS_SOURCE]

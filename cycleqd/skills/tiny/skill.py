@@ -143,7 +143,12 @@ class TinySkill:
             if executor is None:
                 raise ValueError(f"{self.family} needs an executor")
             if self.family == "tiny_code":
-                outcomes = executor.run_code([answers[i] for i in runnable])
+                outcomes = executor.run_code(
+                    [
+                        {"expr": answers[i], "vars": dict(self.samples[i].variables)}
+                        for i in runnable
+                    ]
+                )
             else:
                 outcomes = executor.run_shell(
                     [{"files": self.samples[i].files, "cmd": answers[i]} for i in runnable]
