@@ -7,12 +7,14 @@ user who mistyped a YAML key knows what to fix without reading the source.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cycleqd.errors import ConfigError
+
+_M = TypeVar("_M", bound=BaseModel)
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -176,24 +178,32 @@ def describe_validation_error(root: type[BaseModel], exc: ValidationError, sourc
     return f"{source} is invalid:\n{problems}"
 
 
-def parse_config(data: Any, source: str = "config") -> CampaignConfig:
-    """Validate a mapping into a CampaignConfig, or raise ConfigError listing every problem."""
+def validate(root: type[_M], data: Any, source: str) -> _M:
+    """Validate a mapping into a typed config, or raise ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     try:
-        return CampaignConfig.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(CampaignConfig, exc, source)) from None
+        raise ConfigError(describe_validation_error(root, exc, source)) from None
 
 
-def load_config(path: str | Path) -> CampaignConfig:
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """The YAML document of a file, or ConfigError saying why it cannot be read."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Any, source: str = "config") -> CampaignConfig:
+    return validate(CampaignConfig, data, source)
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    return parse_config(read_yaml(path), source=str(path))

@@ -29,10 +29,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cycleqd.config import describe_validation_error
+from cycleqd.config import read_yaml, validate
 from cycleqd.errors import ConfigError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -158,26 +157,12 @@ def parse_finetune_config(data: Any, source: str = "fine-tuning config") -> Fine
     """Validate a mapping into a FinetuneConfig, or raise ConfigError listing every problem."""
     if isinstance(data, FinetuneConfig):
         return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
-    try:
-        return FinetuneConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(FinetuneConfig, exc, source)) from None
+    return validate(FinetuneConfig, data, source)
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
     """A YAML (or JSON) file -> FinetuneConfig."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read fine-tuning config {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_finetune_config(data, source=str(path))
+    return parse_finetune_config(read_yaml(path, "fine-tuning config"), source=str(path))
 
 
 def coerce_config(config: FinetuneConfig | dict | str | Path) -> FinetuneConfig:
