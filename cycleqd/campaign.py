@@ -16,11 +16,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import yaml
 
 from cycleqd.archive import ArchiveSet, sample_parents
-from cycleqd.config import CampaignConfig, parse_config
-from cycleqd.errors import ConfigError, CycleQDError, NonFiniteWeightsError
+from cycleqd.config import CampaignConfig
+from cycleqd.errors import CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
 from cycleqd.materialize import Materializer
 from cycleqd.objectstore import RemoteSafetensors
@@ -170,20 +169,11 @@ class Campaign:
         return source
 
     def _resume(self) -> None:
-        stored = self.store.read_config_text()
-        if stored is None:
+        if not self.store.check_config(self.config):
             if not self.writer:
                 raise CycleQDError(f"{self.store.uri} holds no campaign yet; seed it first")
             self.store.write_config(self.config.to_yaml())
             return
-        previous = parse_config(yaml.safe_load(stored), source=f"{self.store.uri}/config.yaml")
-        if previous.model_dump(exclude={"generations"}) != self.config.model_dump(
-            exclude={"generations"}
-        ):
-            raise ConfigError(
-                f"{self.store.uri} holds campaign {previous.name!r} with a different config; "
-                "only `generations` may change on resume. Use a new run folder for a new config."
-            )
         if self.writer:
             self.store.write_config(self.config.to_yaml())
         latest = self.store.latest_generation()

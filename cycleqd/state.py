@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from cycleqd.errors import CycleQDError
+from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.objectstore import (
     LocalObjectStore,
     ObjectStore,
@@ -97,6 +98,24 @@ class CampaignStore:
             return self.store.get_bytes("config.yaml").decode()
         except StoreNotFoundError:
             return None
+
+    def check_config(self, config) -> bool:
+        """Whether the store already holds a campaign; raise if it holds another one (only
+        `generations` may change between runs of one campaign)."""
+        from cycleqd.config import parse_config
+
+        stored = self.read_config_text()
+        if stored is None:
+            return False
+        previous = parse_config(yaml.safe_load(stored), source=f"{self.uri}/config.yaml")
+        if previous.model_dump(exclude={"generations"}) != config.model_dump(
+            exclude={"generations"}
+        ):
+            raise ConfigError(
+                f"{self.uri} holds campaign {previous.name!r} with a different config; only "
+                "`generations` may change on resume. Use a new store location for a new campaign."
+            )
+        return True
 
     def latest_generation(self) -> int | None:
         try:

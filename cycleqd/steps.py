@@ -77,16 +77,7 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
     check_compatible(
         base, {f"expert {s!r}": SafetensorsFolder(p) for s, p in config.models.experts.items()}
     )
-    stored = store.read_config_text()
-    if stored is not None:
-        previous = parse_config(yaml.safe_load(stored), source=f"{store.uri}/config.yaml")
-        if previous.model_dump(exclude={"generations"}) != config.model_dump(
-            exclude={"generations"}
-        ):
-            raise ConfigError(
-                f"{store.uri} holds campaign {previous.name!r} with a different config; only "
-                "`generations` may change. Point store_uri at a new prefix for a new campaign."
-            )
+    store.check_config(config)
     lease = store.read_lease()
     if lease is not None and lease.owner != owner and lease.is_live():
         raise CampaignLockedError(store.locked_message(lease))
