@@ -217,6 +217,13 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_commands(sub) -> None:
+    from cycleqd.skills import fetch
+
+    data = sub.add_parser("data", help="the real skills' evaluation sets (MBPP+, DBBench, OS)")
+    fetch.add_fetch_command(data.add_subparsers(dest="data_command", required=True))
+
+
 def build_parser(extend=None) -> argparse.ArgumentParser:
     """The core commands; `extend(subparsers)` adds more (the Kubeflow layer's)."""
     parser = argparse.ArgumentParser(prog="cycleqd", description=__doc__)
@@ -252,6 +259,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="local folder (HF layout)")
     export.add_argument("--genome", help="an exported genome id (default: the final merge)")
     export.set_defaults(handler=_export)
+    _add_data_commands(sub)
     if extend is not None:
         extend(sub)
     return parser

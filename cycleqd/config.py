@@ -80,11 +80,21 @@ class MutationConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """How models are scored. `probe`: agreement with each skill's expert on fixed probe
-    prompts (any model, no data needed; the stand-in until the skill worlds are wired)."""
+    """How models are scored.
 
-    world: Literal["probe"] = "probe"
+    - tiny: the tiny skill world (`cycleqd.skills.tiny`): `samples` held-out questions per
+      skill drawn with `seed`, greedy decoding, answers verified by execution. The skills must
+      be that world's (tiny_code, tiny_sql, tiny_shell) and the models share its tokenizer.
+    - probe: agreement with each skill's expert on fixed random prompts (any model, no data;
+      a smoke test of the machinery, not a skill).
+    """
+
+    world: Literal["probe", "tiny"] = "probe"
     probe_prompts: int = Field(default=64, ge=1)
+    samples: int = Field(default=96, ge=1, le=100_000)
+    seed: int = Field(default=1, ge=0)
+    level: int = Field(default=2, ge=1, le=3)
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0: torch's default")
 
 
 class ModelsConfig(_Strict):
@@ -121,6 +131,15 @@ class CampaignConfig(_Strict):
         missing = [n for n in names if n not in self.models.experts]
         if missing:
             raise ValueError(f"models.experts: no expert for skill(s) {missing}; one per skill")
+        if self.evaluation.world == "tiny":
+            from cycleqd.skills.tiny.tasks import FAMILIES
+
+            foreign = [n for n in names if n not in FAMILIES]
+            if foreign:
+                raise ValueError(
+                    f"skills: {foreign} are not skills of the tiny world; with "
+                    f"evaluation.world 'tiny' use {list(FAMILIES)}"
+                )
         return self
 
     @property
