@@ -13,8 +13,21 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cycleqd.config import CampaignConfig, SamplingConfig, SkillConfig
+from cycleqd.errors import CycleQDError
 
 Cell = tuple[int, ...]
+
+
+class ArchiveError(CycleQDError):
+    """Archive contents (read back from a snapshot) are malformed."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
 
 
 def bin_index(value: float, lo: float, hi: float, n_bins: int) -> int:
@@ -115,12 +128,67 @@ class ArchiveSet:
         }
 
     def load_dict(self, data: Mapping[str, list[dict]]) -> None:
-        for skill, entries in data.items():
-            archive = self.archives[skill]
-            archive.cells = {
-                tuple(e["cell"]): Elite(e["genome_id"], e["quality"], e["scores"], e["sampled"])
-                for e in entries
-            }
+        """Replace the archives' contents with `to_dict`'s output; ArchiveError (and nothing
+        is changed) if it is malformed or does not fit these archives' skills and bins."""
+        if not isinstance(data, Mapping):
+            raise ArchiveError(f"archives must be a mapping of skills, got {type(data).__name__}")
+        unknown = sorted(str(s) for s in data if s not in self.archives)
+        missing = [s for s in self.skill_names if s not in data]
+        if unknown or missing:
+            raise ArchiveError(
+                f"archives name skills {sorted(map(str, data))}; this campaign's skills are "
+                f"{self.skill_names}"
+            )
+        loaded = {skill: self._load_entries(skill, data[skill]) for skill in self.skill_names}
+        for skill, cells in loaded.items():
+            self.archives[skill].cells = cells
+
+    def _load_entries(self, skill: str, entries: object) -> dict[Cell, Elite]:
+        archive = self.archives[skill]
+        if not isinstance(entries, list):
+            raise ArchiveError(f"archive {skill!r}: expected a list of elites")
+        cells: dict[Cell, Elite] = {}
+        for i, e in enumerate(entries):
+            where = f"archive {skill!r}, elite {i}"
+            if not isinstance(e, Mapping) or set(e) != {
+                "cell",
+                "genome_id",
+                "quality",
+                "scores",
+                "sampled",
+            }:
+                raise ArchiveError(
+                    f"{where}: expected the fields cell, genome_id, quality, scores, sampled"
+                )
+            scores = e["scores"]
+            if not isinstance(e["genome_id"], str) or not e["genome_id"]:
+                raise ArchiveError(f"{where}: genome_id must be a non-empty string")
+            if not isinstance(scores, Mapping) or set(scores) != set(self.skill_names):
+                raise ArchiveError(f"{where}: scores must name exactly {self.skill_names}")
+            values = [e["quality"], *scores.values()]
+            if not all(_is_real(v) and math.isfinite(v) for v in values):
+                raise ArchiveError(f"{where}: quality and scores must be finite numbers")
+            if e["quality"] != scores[skill]:
+                raise ArchiveError(f"{where}: quality is not its score on {skill!r}")
+            if not (_is_int(e["sampled"]) and e["sampled"] >= 0):
+                raise ArchiveError(f"{where}: sampled must be a count")
+            cell = e["cell"]
+            if not isinstance(cell, list) or not all(_is_int(c) for c in cell):
+                raise ArchiveError(f"{where}: cell must be a list of bin numbers")
+            if tuple(cell) != archive.cell_of(scores):
+                raise ArchiveError(
+                    f"{where}: cell {cell} is not the cell of its scores "
+                    f"{list(archive.cell_of(scores))}"
+                )
+            if tuple(cell) in cells:
+                raise ArchiveError(f"{where}: cell {cell} holds two elites")
+            cells[tuple(cell)] = Elite(
+                e["genome_id"],
+                float(e["quality"]),
+                {k: float(v) for k, v in scores.items()},
+                e["sampled"],
+            )
+        return cells
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ArchiveSet) and self.to_dict() == other.to_dict()
@@ -159,12 +227,17 @@ def sampling_probabilities(
 
 
 def sample_parents(
-    archives: ArchiveSet, skill: str, sampling: SamplingConfig, rng: np.random.Generator
+    archives: ArchiveSet,
+    skill: str,
+    sampling: SamplingConfig,
+    rng: np.random.Generator,
+    fallback: Sequence[str] = (),
 ) -> tuple[str, str]:
     """Two distinct parents from the archive of `skill`.
 
     An archive with a single elite (possible right after seeding, when experts share a cell)
-    borrows its second parent uniformly from the other archives' elites.
+    borrows its second parent uniformly from the other archives' elites, or, when every
+    archive holds that one model (experts that all score alike), from `fallback` (the experts).
     """
     archive = archives[skill]
     cells, probs = sampling_probabilities(archive, sampling)
@@ -177,7 +250,7 @@ def sample_parents(
     if not cells:
         raise ValueError(f"archive {skill!r} is empty: seed the archives with the experts first")
     first = archive.cells[cells[0]].genome_id
-    others = sorted(archives.genome_ids() - {first})
+    others = sorted(archives.genome_ids() - {first}) or sorted(set(fallback) - {first})
     if not others:
         raise ValueError("all archives hold one single model; CycleQD needs two distinct parents")
     archive.cells[cells[0]].sampled += 1

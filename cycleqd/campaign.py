@@ -63,7 +63,7 @@ def breed(
     children = []
     for index in range(config.population):
         rng = np.random.default_rng([config.seed, generation, index])
-        parents = sample_parents(archives, skill, config.sampling, rng)
+        parents = sample_parents(archives, skill, config.sampling, rng, experts.values())
         weights = crossover_weights(rng, 2, config.crossover.mu, config.crossover.sigma)
         children.append(
             Genome(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,28 +21,74 @@ def _quiet_transformers() -> None:
 
 
 def prepare_config(args: argparse.Namespace):
-    """The campaign config of a local run: the user's file, or the embedded tiny world
-    (built once in the workdir)."""
-    from cycleqd import tiny
+    """The campaign config of a local run: the user's file, or an embedded world (built once
+    in the workdir, reused by every rerun)."""
     from cycleqd.config import load_config, parse_config
 
     workdir = Path(args.workdir)
     if args.config:
         config = load_config(args.config)
+    elif getattr(args, "world", "tiny") == "probe":
+        config = parse_config(_probe_world(workdir / "probe-world"), source="embedded probe config")
     else:
-        models_dir = workdir / "world"
-        if not (models_dir / "base" / "config.json").exists():
-            print(f"building the tiny probe world in {models_dir} ...", flush=True)
-            models = tiny.build_world(models_dir)
-        else:
-            models = {
-                "base": str(models_dir / "base"),
-                "experts": {s: str(models_dir / f"expert-{s}") for s in tiny.SKILLS},
-            }
-        config = parse_config(tiny.default_config(models), source="embedded tiny config")
+        config = parse_config(_tiny_world(workdir / "world"), source="embedded tiny-world config")
     if args.generations is not None:
         config = config.model_copy(update={"generations": args.generations})
     return config
+
+
+def _tiny_world(folder: Path) -> dict:
+    """The tiny skill world: a ~1.3M-parameter Llama base and three experts (Python
+    expressions, SQLite queries, shell pipelines), trained here on the CPU the first time."""
+    from cycleqd.skills.tiny import train
+
+    manifest = folder / "world.json"  # written last: its presence means the world is complete
+    if manifest.exists():
+        world = json.loads(manifest.read_text())
+    else:
+        print(
+            f"building the tiny skill world in {folder} (once; a few minutes on 2 cores) ...",
+            flush=True,
+        )
+        started = time.perf_counter()
+        with _torch_threads(train.BUILD_THREADS):
+            world = train.build_world(folder, on_log=_log_world_step)
+        print(f"tiny world built in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return train.campaign_config(world)
+
+
+def _log_world_step(text: str) -> None:
+    if " step " not in text:  # per-step losses go to the log only
+        print(f"  {text}", flush=True)
+    logging.getLogger("cycleqd.world").info("%s", text)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _probe_world(folder: Path) -> dict:
+    """The probe world: random models scored by agreement with their expert (seconds; a smoke
+    test of the machinery, no skills)."""
+    from cycleqd import tiny
+
+    if not (folder / "base" / "config.json").exists():
+        print(f"building the tiny probe world in {folder} ...", flush=True)
+        models = tiny.build_world(folder)
+    else:
+        models = {
+            "base": str(folder / "base"),
+            "experts": {s: str(folder / f"expert-{s}") for s in tiny.SKILLS},
+        }
+    return tiny.default_config(models)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -233,6 +280,13 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a CycleQD campaign locally on the CPU")
     run.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
     run.add_argument("--workdir", default="runs/tiny", help="run folder; rerun to resume")
+    run.add_argument(
+        "--world",
+        choices=("tiny", "probe"),
+        default="tiny",
+        help="embedded world when no --config: tiny (three skills, trained here once) or probe "
+        "(random models, seconds)",
+    )
     run.add_argument("--generations", type=int, help="override the config's generations")
     run.add_argument(
         "--store", help="campaign store URI (s3://bucket/prefix or a folder); default: in workdir"

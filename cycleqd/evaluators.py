@@ -1,16 +1,59 @@
-"""Builds the evaluator a campaign config asks for."""
+"""Builds the evaluator a campaign config asks for.
+
+Evaluators are built lazily: every pipeline stage opens the campaign, but only evaluation
+tasks score models, so the breeding and archive-update tasks never load a model."""
 
 from __future__ import annotations
 
-from cycleqd.campaign import Evaluator
+from collections.abc import Callable
+
+from cycleqd.campaign import Evaluator, Tensors
 from cycleqd.config import CampaignConfig
 
 
+class LazyEvaluator:
+    """Builds the real evaluator on the first `evaluate` call."""
+
+    def __init__(self, build: Callable[[], Evaluator]) -> None:
+        self._build = build
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = self._build()
+        return self._evaluator
+
+    def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
+        return self.evaluator.evaluate(genome_id, tensors)
+
+
 def build_evaluator(config: CampaignConfig) -> Evaluator:
-    if config.evaluation.world == "probe":
+    evaluation = config.evaluation
+    if evaluation.world == "probe":
         from cycleqd.tiny import ProbeEvaluator
 
-        return ProbeEvaluator(
-            dict(config.models.experts), n_prompts=config.evaluation.probe_prompts
+        return LazyEvaluator(
+            lambda: ProbeEvaluator(dict(config.models.experts), n_prompts=evaluation.probe_prompts)
         )
-    raise NotImplementedError(config.evaluation.world)  # unreachable: the config is validated
+    if evaluation.world == "tiny":
+        return LazyEvaluator(lambda: _tiny_world_evaluator(config))
+    raise NotImplementedError(evaluation.world)  # unreachable: the config is validated
+
+
+def _tiny_world_evaluator(config: CampaignConfig) -> Evaluator:
+    import torch
+
+    from cycleqd.skills.tiny.skill import TinyWorldEvaluator
+
+    evaluation = config.evaluation
+    if evaluation.threads:
+        torch.set_num_threads(evaluation.threads)
+    # The base folder carries the world's tokenizer; the weights are swapped per genome.
+    return TinyWorldEvaluator(
+        config.models.base,
+        n_samples=evaluation.samples,
+        seed=evaluation.seed,
+        level=evaluation.level,
+        families=config.skill_names,
+    )

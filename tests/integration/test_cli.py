@@ -10,7 +10,7 @@ from cycleqd.cli import main
 
 def test_embedded_quick_start_run(tmp_path, capsys):
     workdir = tmp_path / "run"
-    assert main(["run", "--workdir", str(workdir), "--generations", "4"]) == 0
+    assert main(["run", "--world", "probe", "--workdir", str(workdir), "--generations", "4"]) == 0
     out = capsys.readouterr().out
     assert "building the tiny probe world" in out
     for label in (

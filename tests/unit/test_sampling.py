@@ -212,3 +212,17 @@ def test_empty_archive_is_an_error() -> None:
     archives = ArchiveSet([CODING, DB, OS])
     with pytest.raises(ValueError, match=r"'coding' is empty"):
         sample_parents(archives, "coding", PAPER, np.random.default_rng(0))
+
+
+def test_one_model_in_every_archive_borrows_an_expert_as_second_parent() -> None:
+    """Experts that all score alike share every cell: only the first one is archived; the
+    second parent then comes from the fallback (the experts), never the same model twice."""
+    archives = ArchiveSet([CODING, DB, OS])
+    for genome in ("A", "B", "C"):
+        archives.offer(genome, {"coding": 0.0, "db": 0.0, "os": 0.0})
+    assert archives.genome_ids() == {"A"}
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="one single model"):
+        sample_parents(archives, "coding", PAPER, rng)
+    pairs = {sample_parents(archives, "coding", PAPER, rng, ("A", "B", "C")) for _ in range(50)}
+    assert pairs == {("A", "B"), ("A", "C")}

@@ -34,6 +34,11 @@ from cycleqd.skills.tiny.tasks import FAMILIES, generate, skill_templates, warmu
 log = logging.getLogger(__name__)
 
 
+# Torch threads while training the world: on a 2-core machine shared with other processes, 2
+# threads ran ~4x slower than 1 (the ops are small; threads fight for the cores).
+BUILD_THREADS = 1
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int = 160
@@ -350,8 +355,11 @@ def task_vector_stats(world: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def campaign_config(models: dict[str, Any], name: str = "tiny-world", generations: int = 30):
-    """A campaign config (dict) over a built world: the three tiny skills, BC range [0, 1]."""
+def campaign_config(
+    models: dict[str, Any], name: str = "tiny-world", generations: int = 30, samples: int = 96
+) -> dict[str, Any]:
+    """A campaign config (dict) over a built world: the three tiny skills, BC range [0, 1],
+    scored on `samples` held-out questions per skill (seed 1: not the training seed)."""
     return {
         "name": name,
         "seed": 0,
@@ -359,6 +367,7 @@ def campaign_config(models: dict[str, Any], name: str = "tiny-world", generation
         "population": 1,
         "skills": [{"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15} for f in FAMILIES],
         "models": {"base": models["base"], "experts": dict(models["experts"])},
+        "evaluation": {"world": "tiny", "samples": samples, "seed": 1, "level": 2},
     }
 
 
@@ -402,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (1: on a shared 2-core machine, 2 threads ran 4x slower than 1)",
+        default=BUILD_THREADS,
+        help="torch threads (see BUILD_THREADS)",
     )
     parser.add_argument("--samples", type=int, default=96, help="evaluation samples per skill")
     parser.add_argument("--config", default="{}", help="WorldConfig overrides as JSON")

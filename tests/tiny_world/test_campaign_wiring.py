@@ -1,0 +1,87 @@
+"""The tiny world as a campaign's evaluation world: config, evaluator, `cycleqd run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cycleqd.cli import main
+from cycleqd.config import parse_config
+from cycleqd.errors import ConfigError
+from cycleqd.evaluators import LazyEvaluator, build_evaluator
+from cycleqd.skills.tiny import FAMILIES, TinyWorldEvaluator
+from cycleqd.skills.tiny.train import ModelShape, TrainConfig, WorldConfig, build_world
+from cycleqd.skills.tiny.train import campaign_config as tiny_campaign_config
+
+# A world small enough to train in seconds: its models are poor, but real and trained.
+MINI = WorldConfig(
+    shape=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    n_warmup=20,
+    n_general_skill=5,
+    n_skill=40,
+    base=TrainConfig(steps=8, batch_size=8, warmup=2),
+    expert=TrainConfig(steps=4, batch_size=8, warmup=1),
+)
+
+
+@pytest.fixture(scope="module")
+def mini_world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.mktemp("mini-world") / "world", MINI)
+
+
+def test_config_names_the_tiny_world(mini_world):
+    config = parse_config(tiny_campaign_config(mini_world, samples=5))
+    assert config.evaluation.world == "tiny" and config.evaluation.samples == 5
+    assert config.skill_names == list(FAMILIES)
+
+
+def test_tiny_world_refuses_skills_it_does_not_have(mini_world):
+    data = tiny_campaign_config(mini_world)
+    data["skills"][0]["name"] = "coding"
+    data["models"]["experts"]["coding"] = data["models"]["experts"].pop("tiny_code")
+    with pytest.raises(ConfigError, match=r"\['coding'\] are not skills of the tiny world"):
+        parse_config(data)
+
+
+def test_evaluator_is_built_on_first_use_and_is_deterministic(mini_world):
+    from cycleqd.skills.tiny.train import state_of
+
+    config = parse_config(tiny_campaign_config(mini_world, samples=3))
+    evaluator = build_evaluator(config)
+    assert isinstance(evaluator, LazyEvaluator) and evaluator._evaluator is None
+    state = state_of(mini_world["experts"]["tiny_sql"])
+    first = evaluator.evaluate("sql", state.items())
+    assert isinstance(evaluator.evaluator, TinyWorldEvaluator)
+    assert set(first) == set(FAMILIES) and all(0.0 <= v <= 1.0 for v in first.values())
+    assert all(len(r.samples) == 3 for r in evaluator.evaluator.last_results.values())
+    assert evaluator.evaluate("sql", state.items()) == first
+
+
+def test_cycleqd_run_over_the_tiny_world_and_resume(mini_world, tmp_path, capsys):
+    config = tiny_campaign_config(mini_world, name="mini", generations=2, samples=3)
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "run"
+    assert main(["run", "--config", str(path), "--workdir", str(workdir), "--no-tracking"]) == 0
+    out = capsys.readouterr().out
+    for label in ("expert tiny_code", "expert tiny_sql", "expert tiny_shell", "final merge"):
+        assert label in out
+    args = ["run", "--config", str(path), "--workdir", str(workdir), "--no-tracking"]
+    assert main([*args, "--generations", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming campaign 'mini' after generation 2" in out and "gen    3/3" in out
+
+
+def test_default_run_reuses_the_world_in_its_workdir(mini_world, tmp_path, capsys):
+    """`cycleqd run` without a config trains the world once; a complete world (its
+    world.json, written last) is reused as it is."""
+    workdir = tmp_path / "run"
+    (workdir / "world").mkdir(parents=True)
+    (workdir / "world" / "world.json").write_text(json.dumps(mini_world))
+    args = ["run", "--workdir", str(workdir), "--generations", "1", "--no-tracking"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "building the tiny skill world" not in out
+    assert "campaign 'tiny-world': 1 generations" in out
