@@ -113,6 +113,16 @@ def seed(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = 
         return c.generation
 
 
+def shard(genome_ids: list[str], shards: int) -> list[str]:
+    """Children dealt round-robin into at most `shards` groups, each a comma-separated string
+    (a ParallelFor item): one evaluation task per group keeps one warm engine for several
+    children instead of starting an engine per child."""
+    if shards < 1:
+        raise ConfigError(f"shards must be at least 1, got {shards}")
+    groups = [genome_ids[i::shards] for i in range(min(shards, len(genome_ids)))]
+    return [",".join(group) for group in groups]
+
+
 def breed(config_yaml: str, store_uri: str, owner: str = "") -> list[str]:
     """The next generation's child genome ids; empty once the campaign reached its target."""
     with open_campaign(config_yaml, store_uri, owner=owner) as c:
@@ -125,12 +135,21 @@ def breed(config_yaml: str, store_uri: str, owner: str = "") -> list[str]:
 
 def evaluate(config_yaml: str, store_uri: str, genome_id: str) -> dict:
     """Materialise one child and score it on every skill (kept in the store for the commit)."""
+    return evaluate_many(config_yaml, store_uri, [genome_id])[0]
+
+
+def evaluate_many(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
+    """Evaluate children in a row with one warm evaluator; children already evaluated (by an
+    earlier attempt of a retried task) are read back, not scored again."""
     with open_campaign(config_yaml, store_uri, writer=False) as c:
-        if genome_id not in c.load_pending():
+        pending = c.load_pending()
+        strangers = [g for g in genome_ids if g not in pending]
+        if strangers:
             raise CycleQDError(
-                f"child {genome_id} is not in generation {c.generation + 1} of {c.store.uri}"
+                f"child(ren) {', '.join(strangers)} not in generation {c.generation + 1} of "
+                f"{c.store.uri}"
             )
-        return c.evaluate_child(genome_id)
+        return [c.evaluate_child(g) for g in genome_ids]
 
 
 def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:

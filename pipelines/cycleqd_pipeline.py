@@ -39,7 +39,9 @@ class PipelineOptions:
     """Compile-time settings: KFP fixes loop bounds and resources when compiling."""
 
     generations_per_run: int = 4
-    parallelism: int = 4  # evaluation tasks at once: the number of GPUs to use
+    # Evaluation tasks per generation, run at once: the number of GPUs to use. The children
+    # of a generation are dealt among them, each task keeping one warm engine for its share.
+    parallelism: int = 4
     s3_secret: str = "cycleqd-s3"
     gpu_resource: str = "nvidia.com/gpu"
     gpus_per_evaluation: int = 1
@@ -84,19 +86,22 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
     ):
         bred = _with_s3_secret(
             breed(
-                campaign_config=campaign_config, store_uri=campaign_store_uri, run_owner=run_owner
+                campaign_config=campaign_config,
+                store_uri=campaign_store_uri,
+                run_owner=run_owner,
+                shards=options.parallelism,
             ),
             options,
         ).set_display_name("breed")
-        with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_id:
+        with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_ids:
             scored = _on_gpu(
                 evaluate(
                     campaign_config=campaign_config,
                     store_uri=campaign_store_uri,
-                    genome_id=genome_id,
+                    genome_ids=genome_ids,
                 ),
                 options,
-            ).set_display_name("evaluate child")
+            ).set_display_name("evaluate children")
             scored.set_retry(
                 num_retries=options.evaluation_retries, backoff_duration="30s", backoff_factor=2
             )

@@ -4,12 +4,17 @@ from cycleqd_kfp.components.runtime import EVALUATOR_IMAGE
 
 
 @dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
-def evaluate(campaign_config: str, store_uri: str, genome_id: str, scores: dsl.Output[dsl.Metrics]):
-    """Materialise one child from its recipe and score it on every skill. The result is kept
-    in the store, so a retried task reads it back instead of evaluating again."""
+def evaluate(
+    campaign_config: str, store_uri: str, genome_ids: str, scores: dsl.Output[dsl.Metrics]
+):
+    """Materialise children (comma-separated genome ids) from their recipes and score each on
+    every skill, with one warm model. Results are kept in the store, so a retried task reads
+    back the children it already scored instead of evaluating them again."""
     from cycleqd import steps
 
-    record = steps.evaluate(campaign_config, store_uri, genome_id)
-    for skill, value in (record["scores"] or {}).items():
-        scores.log_metric(skill, value)
-    scores.log_metric("rejected", float(record["scores"] is None))
+    records = steps.evaluate_many(campaign_config, store_uri, genome_ids.split(","))
+    for record in records:
+        child = record["genome_id"][:12]
+        for skill, value in (record["scores"] or {}).items():
+            scores.log_metric(f"{child}.{skill}", value)
+        scores.log_metric(f"{child}.rejected", float(record["scores"] is None))
