@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
@@ -82,19 +83,66 @@ class Genome:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Genome:
+        """A genome from its record; GenomeError (never another exception) if it is malformed:
+        records are read back from stores that anyone may have edited."""
+        if not isinstance(data, Mapping):
+            raise GenomeError(f"malformed genome record {_short(data)}: not a mapping")
         try:
             mutation = data.get("mutation")
+            if mutation is not None and not isinstance(mutation, Mapping):
+                raise TypeError("mutation must be a mapping or null")
+            parents = data.get("parents", ())
+            weights = data.get("weights", ())
+            if not isinstance(parents, list | tuple) or not all(
+                isinstance(p, str) for p in parents
+            ):
+                raise TypeError("parents must be a list of genome ids")
+            if not isinstance(weights, list | tuple) or not all(_is_number(w) for w in weights):
+                raise TypeError("weights must be a list of finite numbers")
+            for name in ("source", "skill"):
+                if not isinstance(data.get(name), str | None):
+                    raise TypeError(f"{name} must be a string or null")
+            generation = data.get("generation")
+            if generation is not None and not _is_int(generation):
+                raise TypeError("generation must be an integer or null")
+            if mutation:
+                _check_mutation(mutation)
             return cls(
                 kind=data["kind"],
-                parents=tuple(data.get("parents", ())),
-                weights=tuple(float(w) for w in data.get("weights", ())),
+                parents=tuple(parents),
+                weights=tuple(float(w) for w in weights),
                 mutation=Mutation(**mutation) if mutation else None,
                 source=data.get("source"),
                 skill=data.get("skill"),
-                generation=data.get("generation"),
+                generation=generation,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise GenomeError(f"malformed genome record {dict(data)!r}: {exc}") from None
+            raise GenomeError(f"malformed genome record {_short(data)}: {exc}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_mutation(mutation: Mapping) -> None:
+    if not isinstance(mutation.get("kind"), str):
+        raise TypeError("mutation.kind must be a string")
+    if "seed" in mutation and not _is_int(mutation["seed"]):
+        raise TypeError("mutation.seed must be an integer")
+    if "scale" in mutation and not _is_number(mutation["scale"]):
+        raise TypeError("mutation.scale must be a finite number")
+    if not isinstance(mutation.get("expert"), str | None):
+        raise TypeError("mutation.expert must be a string or null")
+
+
+def _short(data: object, limit: int = 200) -> str:
+    """A record in an error message, cut short: a corrupted file may be huge."""
+    text = repr(dict(data) if isinstance(data, Mapping) else data)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -213,3 +261,5 @@ class GenomeBook:
                     "the file was edited or corrupted"
                 )
             self.add(genome)
+        if not isinstance(records, list):
+            raise GenomeError(f"genome records must be a list, got {type(records).__name__}")

@@ -95,6 +95,9 @@ class StoreUnreachableError(StoreError):
 # -- keys ----------------------------------------------------------------------------------------
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# S3 keys are at most 1024 bytes; a folder entry at most 255, less the temporary suffix.
+MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 200
 
 
 def check_key(key: str, *, what: str = "key") -> str:
@@ -110,9 +113,15 @@ def check_key(key: str, *, what: str = "key") -> str:
         problem = "it contains a backslash; use '/' between segments"
     elif key.startswith("/"):
         problem = "it is absolute; keys are relative to the store's root"
+    elif not _encodable(key):
+        problem = "it is not valid Unicode text (a lone surrogate)"
+    elif len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        problem = f"it is longer than {MAX_KEY_BYTES} bytes (S3's limit)"
     else:
         for segment in key.split("/"):
-            if segment == "":
+            if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+                problem = f"a segment is longer than {MAX_SEGMENT_BYTES} bytes"
+            elif segment == "":
                 problem = "it has an empty segment ('//' or a trailing '/')"
             elif segment in (".", ".."):
                 problem = "'.' and '..' segments are not allowed (they could leave the prefix)"
@@ -121,8 +130,17 @@ def check_key(key: str, *, what: str = "key") -> str:
             if problem:
                 break
     if problem:
-        raise InvalidKeyError(f"invalid store {what} {key!r}: {problem}")
+        shown = repr(key) if len(key) <= 120 else repr(key[:120]) + f"... ({len(key)} chars)"
+        raise InvalidKeyError(f"invalid store {what} {shown}: {problem}")
     return key
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_prefix(prefix: str) -> str:
@@ -880,7 +898,7 @@ def read_manifest(store: ObjectStore, prefix: str) -> dict | None:
         manifest = json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))
     except StoreNotFoundError:
         return None
-    except (StoreIntegrityError, ValueError):
+    except (StoreIntegrityError, ValueError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) else None
 
@@ -888,11 +906,15 @@ def read_manifest(store: ObjectStore, prefix: str) -> dict | None:
 def model_is_complete(store: ObjectStore, prefix: str) -> bool:
     """True when the manifest exists and every file it names is there with its size and sha."""
     manifest = read_manifest(store, prefix)
-    if manifest is None or not isinstance(manifest.get("files"), dict):
+    if manifest is None or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         return False
     prefix = prefix.strip("/")
     sizes = manifest.get("sizes") or {}
+    if not isinstance(sizes, dict):
+        return False
     for name, sha in manifest["files"].items():
+        if not isinstance(sha, str):
+            return False
         try:
             info = store.stat(f"{prefix}/{name}")
         except (StoreNotFoundError, InvalidKeyError):
@@ -970,20 +992,29 @@ class RemoteSafetensors:
             raise MissingTensorError(f"{where}: truncated safetensors header")
         try:
             header = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MissingTensorError(f"{where}: not a safetensors file (bad header)") from None
+        if not isinstance(header, dict):
+            raise MissingTensorError(f"{where}: not a safetensors file (bad header)")
         start = 8 + size
         for name, info in header.items():
-            if name == "__metadata__":
-                self._metadata[file] = dict(info or {})
-                continue
-            dtype = _REMOTE_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise MissingTensorError(f"{where}: tensor {name!r} has unsupported dtype")
-            spec = TensorSpec(tuple(info["shape"]), dtype)
-            begin, end = info["data_offsets"]
-            if end - begin != spec.nbytes:
-                raise MissingTensorError(f"{where}: tensor {name!r} has inconsistent offsets")
+            try:
+                if name == "__metadata__":
+                    self._metadata[file] = {str(k): str(v) for k, v in dict(info or {}).items()}
+                    continue
+                dtype = _REMOTE_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise MissingTensorError(f"{where}: tensor {name!r} has unsupported dtype")
+                spec = TensorSpec(tuple(info["shape"]), dtype)
+                begin, end = info["data_offsets"]
+                numbers = (*spec.shape, begin, end)
+                valid = all(type(d) is int and d >= 0 for d in numbers)
+                if not valid or end - begin != spec.nbytes:
+                    raise MissingTensorError(f"{where}: tensor {name!r} has inconsistent offsets")
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise MissingTensorError(
+                    f"{where}: not a safetensors file (bad entry for tensor {str(name)[:80]!r})"
+                ) from None
             self._specs[name] = spec
             self._where[name] = (file, start + begin, start + end)
 

@@ -16,7 +16,9 @@ state or the new one, never half of it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import tempfile
 import time
@@ -28,12 +30,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from cycleqd.errors import ConfigError, CycleQDError
+from cycleqd.errors import ConfigError, CycleQDError, GenomeError
+from cycleqd.genome import GenomeBook
 from cycleqd.objectstore import (
+    InvalidKeyError,
     LocalObjectStore,
     ObjectStore,
     RemoteSafetensors,
+    StoreIntegrityError,
     StoreNotFoundError,
+    model_is_complete,
     open_store,
     publish_model,
 )
@@ -83,6 +89,7 @@ class CampaignStore:
         self.store = store if isinstance(store, ObjectStore) else open_store(store)
         self._lease_owner: str | None = owner
         self._shared_owner = owner is not None
+        self._config = None  # the CampaignConfig `check_config` was given
 
     @property
     def uri(self) -> str:
@@ -95,39 +102,49 @@ class CampaignStore:
 
     def read_config_text(self) -> str | None:
         try:
-            return self.store.get_bytes("config.yaml").decode()
+            data = self.store.get_bytes("config.yaml")
         except StoreNotFoundError:
             return None
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.uri}/config.yaml is corrupted: not UTF-8 text") from None
 
     def check_config(self, config) -> bool:
         """Whether the store already holds a campaign; raise if it holds another one (only
         `generations` may change between runs of one campaign)."""
         from cycleqd.config import parse_config
 
+        self._config = config  # what snapshots and records read back are checked against
         stored = self.read_config_text()
         if stored is None:
             return False
-        previous = parse_config(yaml.safe_load(stored), source=f"{self.uri}/config.yaml")
+        try:
+            data = yaml.safe_load(stored)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.uri}/config.yaml is corrupted: not YAML ({exc})") from None
+        previous = parse_config(data, source=f"{self.uri}/config.yaml")
         if previous.model_dump(exclude={"generations"}) != config.model_dump(
             exclude={"generations"}
         ):
             raise ConfigError(
-                f"{self.uri} holds campaign {previous.name!r} with a different config; only "
+                f"{self.uri}/config.yaml holds campaign {previous.name!r} with a different "
+                "config; only "
                 "`generations` may change on resume. Use a new store location for a new campaign."
             )
         return True
 
     def latest_generation(self) -> int | None:
         try:
-            text = self.store.get_bytes("LATEST").decode()
+            data = self.store.get_bytes("LATEST")
         except StoreNotFoundError:
             return None
-        try:
-            return int(text.strip())
-        except ValueError:
+        # Plain ASCII digits only: int() would also take '١٢', '1_0' or ' -3 '.
+        if not re.fullmatch(rb"[0-9]{1,9}\n?", data):
             raise CycleQDError(
-                f"{self.uri}/LATEST is corrupted ({text[:40]!r}): expected a generation number"
-            ) from None
+                f"{self.uri}/LATEST is corrupted ({data[:40]!r}): expected a generation number"
+            )
+        return int(data)
 
     def write_snapshot(self, generation: int, snapshot: dict) -> None:
         """Write generation's snapshot, then move LATEST to it.
@@ -152,13 +169,23 @@ class CampaignStore:
         self.store.put_bytes("LATEST", f"{generation}\n".encode())
 
     def read_snapshot(self, generation: int) -> dict:
+        """The snapshot of a generation, checked whole (genomes, lineage, archives; against
+        the campaign's config once `check_config` has seen it): a CycleQDError naming the
+        file rather than a failure deep inside the campaign."""
         key = f"generations/{generation:06d}.json"
         try:
             snapshot = json.loads(self.store.get_bytes(key))
-        except (StoreNotFoundError, ValueError) as exc:
+        except StoreNotFoundError:
+            raise CycleQDError(
+                f"{self.uri}/{key} is missing, but LATEST names generation {generation} as the "
+                "last complete one: LATEST or the snapshot was damaged; restore it, or point "
+                "LATEST at the last snapshot there is"
+            ) from None
+        except (ValueError, RecursionError) as exc:
             raise CycleQDError(f"cannot read campaign snapshot {self.uri}/{key}: {exc}") from None
-        if not isinstance(snapshot, dict) or not {"archives", "genomes"} <= set(snapshot):
-            raise CycleQDError(f"{self.uri}/{key} is not a campaign snapshot")
+        problem = _snapshot_problem(snapshot, generation, self._config)
+        if problem:
+            raise CycleQDError(f"{self.uri}/{key} is not a valid campaign snapshot: {problem}")
         return snapshot
 
     def put_json(self, key: str, value: object) -> None:
@@ -171,9 +198,13 @@ class CampaignStore:
         except StoreNotFoundError:
             return None
         try:
-            return json.loads(data)
-        except ValueError:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
             raise CycleQDError(f"{self.uri}/{key} is corrupted: not JSON") from None
+        problem = _record_problem(key, value, self._config)
+        if problem:
+            raise CycleQDError(f"{self.uri}/{key} is corrupted: {problem}")
+        return value
 
     # -- the single-writer lease ---------------------------------------------------------------
 
@@ -217,19 +248,21 @@ class CampaignStore:
             self._lease_owner = None
 
     def read_lease(self) -> Lease | None:
+        # An unreadable lease protects nothing: it counts as none, the next writer replaces it.
         try:
             data = json.loads(self.store.get_bytes("lease.json"))
-            return Lease(
-                str(data["owner"]),
-                str(data["host"]),
-                int(data["pid"]),
-                float(data["expires_at"]),
-                bool(data.get("driver", False)),
-            )
-        except StoreNotFoundError:
+        except (StoreNotFoundError, StoreIntegrityError, ValueError, RecursionError):
             return None
-        except (ValueError, KeyError, TypeError):
-            return None  # an unreadable lease protects nothing; the next writer replaces it
+        if not isinstance(data, dict):
+            return None
+        owner, host, pid, expires = (data.get(k) for k in ("owner", "host", "pid", "expires_at"))
+        if not (isinstance(owner, str) and isinstance(host, str) and owner):
+            return None
+        if not (type(pid) is int and 0 < pid < 2**31):
+            return None
+        if type(expires) not in (int, float) or not math.isfinite(expires):
+            return None
+        return Lease(owner, host, pid, float(expires), data.get("driver") is True)
 
     def _write_lease(self, owner: str, ttl: float) -> None:
         driver = os.environ.get(DRIVER_PID_ENV, "")
@@ -245,7 +278,10 @@ class CampaignStore:
 
     def locked_message(self, lease: Lease | None) -> str:
         if lease is None:
-            return f"another run took {self.uri} at the same time; retry in a moment"
+            return (
+                f"another run took {self.uri} at the same time (its lease.json replaced this "
+                "run's); retry in a moment"
+            )
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.expires_at))
         return (
             f"campaign {self.uri} is being written by another run (host {lease.host}, pid "
@@ -256,10 +292,10 @@ class CampaignStore:
     # -- weights -------------------------------------------------------------------------------
 
     def model_uri(self, genome_id: str, area: str = "models") -> str:
-        return f"{self.uri.rstrip('/')}/{area}/{genome_id}"
+        return f"{self.uri.rstrip('/')}/{_model_prefix(area, genome_id)}"
 
     def has_model(self, genome_id: str, area: str = "models") -> bool:
-        return self.store.exists(f"{_area(area)}/{genome_id}/{MANIFEST}")
+        return self.store.exists(f"{_model_prefix(area, genome_id)}/{MANIFEST}")
 
     def open_model(
         self, genome_id: str, area: str = "models"
@@ -267,7 +303,15 @@ class CampaignStore:
         """Stored weights, read tensor by tensor (memory-mapped locally, ranged GETs on S3)."""
         if not self.has_model(genome_id, area):
             return None
-        prefix = f"{_area(area)}/{genome_id}"
+        prefix = _model_prefix(area, genome_id)
+        # The manifest vouches for the folder: one that is corrupted, or names files that are
+        # not there with their sizes, is an error here, not a failure mid-materialisation.
+        if not model_is_complete(self.store, prefix):
+            raise CycleQDError(
+                f"{self.uri}/{prefix} is corrupted: its {MANIFEST} is unreadable or does not "
+                "match the files there; delete the folder (it is rebuilt from its genome where "
+                "possible) or restore it"
+            )
         if isinstance(self.store, LocalObjectStore):
             return SafetensorsFolder(Path(self.store.root) / prefix)
         return RemoteSafetensors(self.store, prefix)
@@ -290,16 +334,17 @@ class CampaignStore:
             for name, text in (extra_files or {}).items():
                 files[name] = Path(tmp) / name
                 files[name].write_text(text)
-            publish_model(self.store, f"{_area(area)}/{genome_id}", files, {"genome": genome_id})
+            publish_model(self.store, _model_prefix(area, genome_id), files, {"genome": genome_id})
         return sha
 
     def stored_models(self, area: str = "models") -> list[str]:
         prefix = f"{_area(area)}/"
-        return sorted({key[len(prefix) :].split("/", 1)[0] for key in self.store.list(prefix)})
+        found = {key[len(prefix) :].split("/", 1)[0] for key in self.store.list(prefix)}
+        return sorted(g for g in found if _GENOME_ID.match(g))  # foreign folders are left alone
 
     def delete_model(self, genome_id: str, area: str = "models") -> None:
         # The manifest goes first, so that a crash mid-delete leaves an invisible folder.
-        prefix = f"{_area(area)}/{genome_id}"
+        prefix = _model_prefix(area, genome_id)
         self.store.delete(f"{prefix}/{MANIFEST}")
         self.store.delete_prefix(f"{prefix}/")
 
@@ -308,3 +353,117 @@ def _area(area: str) -> str:
     if area not in AREAS:
         raise ValueError(f"unknown model area {area!r}; allowed: {AREAS}")
     return area
+
+
+# Genome ids are content hashes; anything else must not become a key (no '/', '..', ...).
+_GENOME_ID = re.compile(r"^[0-9a-f]{16}$")
+_EVALUATION = re.compile(r"^evaluations/(.*)\.json$")
+_PENDING = re.compile(r"^pending/[0-9]{6}\.json$")
+
+
+def _model_prefix(area: str, genome_id: str) -> str:
+    if not isinstance(genome_id, str) or not _GENOME_ID.match(genome_id):
+        raise InvalidKeyError(
+            f"invalid genome id {genome_id!r}: expected 16 lowercase hex digits (a content id)"
+        )
+    return f"{_area(area)}/{genome_id}"
+
+
+def _genome_problem(records: object, config) -> tuple[GenomeBook | None, str | None]:
+    """Load genome records into a book: (book, None), or (None, what is wrong)."""
+    book = GenomeBook()
+    try:
+        book.load_list(records)  # type: ignore[arg-type]
+        base = book.base_id()
+    except GenomeError as exc:
+        return None, str(exc)
+    if config is not None:
+        from cycleqd.genome import Genome
+
+        # Base and experts must be this config's models (their ids hash their folders).
+        expected = {Genome(kind="base", source=str(Path(config.models.base))).id: "base"}
+        for skill, folder in config.models.experts.items():
+            expected[Genome(kind="expert", source=str(Path(folder)), skill=skill).id] = skill
+        found = {base, *book.expert_ids().values()}
+        if found != set(expected):
+            return None, "its base and expert genomes are not this campaign's models"
+    return book, None
+
+
+def _snapshot_problem(snapshot: object, generation: int, config) -> str | None:
+    if not isinstance(snapshot, dict):
+        return "not a JSON object"
+    fields = {"campaign": str, "generation": int, "archives": dict, "genomes": list}
+    for name, kind in fields.items():
+        if type(snapshot.get(name)) is not kind:
+            return f"field {name!r} is missing or not a {kind.__name__}"
+    if snapshot["generation"] != generation:
+        return f"it holds generation {snapshot['generation']}, not {generation}"
+    if config is not None and snapshot["campaign"] != config.name:
+        return f"it belongs to campaign {snapshot['campaign']!r}, not {config.name!r}"
+    book, problem = _genome_problem(snapshot["genomes"], config)
+    if problem:
+        return problem
+    if config is not None:
+        from cycleqd.archive import ArchiveSet
+
+        archives = ArchiveSet.for_config(config)
+        try:
+            archives.load_dict(snapshot["archives"])
+        except CycleQDError as exc:
+            return str(exc)
+        referenced = archives.genome_ids()
+    else:
+        referenced = set()
+        for entries in snapshot["archives"].values():
+            if not isinstance(entries, list) or not all(
+                isinstance(e, dict)
+                and isinstance(e.get("genome_id"), str)
+                and type(e.get("quality")) in (int, float)
+                and math.isfinite(e["quality"])
+                for e in entries
+            ):
+                return "an archive is not a list of elites with a genome_id and a quality"
+            referenced |= {e["genome_id"] for e in entries}
+    unknown = sorted(g for g in referenced if g not in book)
+    if unknown:
+        return f"archives hold genomes that are not in it: {unknown[:3]}"
+    return None
+
+
+def _record_problem(key: str, value: object, config) -> str | None:
+    """What is wrong with a record the campaign reads back (pending children, evaluations);
+    None when it is well formed (or not a record this module knows)."""
+    if _PENDING.match(key):
+        if not isinstance(value, list):
+            return "expected a list of child genome records"
+        for record in value:
+            from cycleqd.genome import Genome
+
+            try:
+                genome = Genome.from_dict(record)
+            except GenomeError as exc:
+                return str(exc)
+            if genome.kind != "child" or genome.id != record.get("id"):
+                return f"record {str(record.get('id'))[:40]!r} does not match its content"
+        return None
+    match = _EVALUATION.match(key)
+    if match:
+        if not isinstance(value, dict) or set(value) != {"genome_id", "scores", "sha256"}:
+            return "expected an object with genome_id, scores and sha256"
+        if value["genome_id"] != match.group(1):
+            return f"it is the evaluation of {str(value['genome_id'])[:40]!r}"
+        scores = value["scores"]
+        if scores is not None:
+            if not isinstance(scores, dict) or not all(
+                type(v) in (int, float) for v in scores.values()
+            ):
+                return "scores must be null or a mapping of skills to numbers"
+            if config is not None and set(scores) != set(config.skill_names):
+                return (
+                    f"scores name {sorted(scores)}, the campaign's skills are {config.skill_names}"
+                )
+        sha = value["sha256"]
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            return "sha256 must be null or 64 hex digits"
+    return None

@@ -47,10 +47,44 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _read_header(path: Path) -> dict:
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size))
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit
+
+
+def _read_header(path: Path) -> dict[str, TensorSpec]:
+    """The tensors of a safetensors file by name; MissingTensorError naming the file when it
+    is not one (truncated, corrupted header, unknown dtype, offsets past its end)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little")
+            if len(head) < 8 or size > _MAX_HEADER:
+                raise ValueError("no safetensors header")
+            raw = f.read(size)
+            end = f.seek(0, os.SEEK_END)
+        if len(raw) < size:
+            raise ValueError("truncated header")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        specs = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            spec = TensorSpec(tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+            begin, stop = info["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in (*spec.shape, begin, stop)):
+                raise ValueError(f"tensor {name!r} has a bad shape or offsets")
+            if stop - begin != spec.nbytes or 8 + size + stop > end:
+                raise ValueError(f"tensor {name!r} has inconsistent offsets")
+            specs[name] = spec
+        return specs
+    except OSError as exc:
+        raise MissingTensorError(f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+        raise MissingTensorError(
+            f"{path} is not a valid safetensors file ({what[:200]}); rewrite or restore it"
+        ) from None
 
 
 class SafetensorsFolder:
@@ -67,11 +101,9 @@ class SafetensorsFolder:
         self._file_of: dict[str, Path] = {}
         self._specs: dict[str, TensorSpec] = {}
         for file in files:
-            for name, info in _read_header(file).items():
-                if name == "__metadata__":
-                    continue
+            for name, spec in _read_header(file).items():
                 self._file_of[name] = file
-                self._specs[name] = TensorSpec(tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+                self._specs[name] = spec
         self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
@@ -91,7 +123,15 @@ class SafetensorsFolder:
 
     def config(self) -> dict:
         path = self.folder / "config.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ModelMismatchError(f"{path} is not readable JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ModelMismatchError(f"{path} is not a JSON object")
+        return config
 
 
 # Fields of config.json that must agree for two checkpoints to be merged tensor by tensor.
