@@ -211,13 +211,17 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
     """The YAML document of a file, or ConfigError saying why it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): is it a {what}?") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to be a {what}") from None
 
 
 def parse_config(data: Any, source: str = "config") -> CampaignConfig:
