@@ -22,7 +22,7 @@ from cycleqd.config import CampaignConfig
 from cycleqd.errors import CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
 from cycleqd.materialize import Materializer
-from cycleqd.objectstore import RemoteSafetensors
+from cycleqd.objectstore import RemoteSafetensors, read_manifest
 from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import NullTracker, Tracker
@@ -211,6 +211,13 @@ class Campaign:
             )
             stored = self.store.open_model(genome_id)
             return self.evaluator.evaluate(genome_id, ((n, stored.get(n)) for n in stored.names()))
+        if self.book.linear_form(genome_id) is None and genome_id not in self._written:
+            # Weights uploaded by an attempt that died before recording its evaluation: the
+            # record must still carry their sha256 (the lineage's link to the weights).
+            manifest = read_manifest(self.store.store, f"models/{genome_id}") or {}
+            sha = (manifest.get("files") or {}).get("model.safetensors")
+            if isinstance(sha, str):
+                self._written[genome_id] = sha
         return self.evaluator.evaluate(genome_id, self.materializer.tensors(genome_id))
 
     def seed(self) -> None:
@@ -365,6 +372,12 @@ class Campaign:
         return {n: (folder / n).read_text() for n in names if (folder / n).is_file()}
 
     def _commit(self, generation: int) -> None:
+        # The snapshot carries what the archives need (elites and their ancestors, to rebuild
+        # and trace them) and this generation's children; children that died in an earlier
+        # generation stay only in their generation's pending/ and evaluations/ records.
+        bred_now = {g for g, genome in self.book.items() if genome.generation == generation}
+        self.book = self.book.pruned(self.archives.genome_ids() | bred_now)
+        self.materializer.book = self.book
         snapshot = {
             "campaign": self.config.name,
             "generation": generation,
@@ -374,6 +387,7 @@ class Campaign:
         self.store.renew()  # refuses to write if another run took the lease over
         self.store.write_snapshot(generation, snapshot)
         self.generation = generation
+        self.store.prune_snapshots(generation)
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:

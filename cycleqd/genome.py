@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
@@ -163,10 +163,23 @@ class LinearForm:
         )
 
     def add(self, other: LinearForm) -> None:
+        """Sum of two forms. A mutation both forms inherit from a shared ancestor appears once,
+        with the coefficients summed: without that, a term is repeated once per path through
+        the lineage, and the forms (and the cost of materialising them) grow without bound."""
         for e, a in other.coeffs.items():
             self.coeffs[e] = self.coeffs.get(e, 0.0) + a
-        self.svd_terms.extend(other.svd_terms)
-        self.noise_terms.extend(other.noise_terms)
+        self.svd_terms = _merge_terms(self.svd_terms, other.svd_terms)
+        self.noise_terms = _merge_terms(self.noise_terms, other.noise_terms)
+
+
+def _merge_terms(mine: list[tuple], other: list[tuple]) -> list:
+    """Terms of both lists, first-seen order; equal terms (all but the last field, the
+    coefficient) are merged by adding their coefficients."""
+    merged = {term[:-1]: term[-1] for term in mine}
+    for term in other:
+        key = term[:-1]
+        merged[key] = merged[key] + term[-1] if key in merged else term[-1]
+    return [(*key, coeff) for key, coeff in merged.items()]
 
 
 class GenomeBook:
@@ -248,6 +261,26 @@ class GenomeBook:
                 seen.append(parent)
                 frontier.extend(self[parent].parents)
         return seen
+
+    def pruned(self, keep: Iterable[str]) -> GenomeBook:
+        """A book of the base, the experts, `keep` and every ancestor of those, in this book's
+        order (parents before children), with their cached linear forms. The campaign keeps
+        only what its archives can still breed from or be rebuilt from: a book that kept
+        every child ever bred would grow with the number of generations."""
+        needed = {self.base_id(), *self.expert_ids().values()}
+        frontier = list(keep)
+        while frontier:
+            gid = frontier.pop()
+            if gid not in needed:
+                needed.add(gid)
+                frontier.extend(self[gid].parents)
+        book = GenomeBook()
+        for gid, genome in self._genomes.items():
+            if gid in needed:
+                book._genomes[gid] = genome
+                if gid in self._linear:
+                    book._linear[gid] = self._linear[gid]
+        return book
 
     def to_list(self) -> list[dict]:
         return [{"id": g, **x.to_dict()} for g, x in self._genomes.items()]

@@ -3,7 +3,10 @@ generation, elite weights, and a lease that admits one writer at a time.
 
 Keys under the campaign's store:
     config.yaml                       the campaign's config, fixed at creation
-    generations/000012.json           archives + genomes after generation 12 (never rewritten)
+    generations/000012.json           archives + genomes after generation 12 (never rewritten;
+                                      the last 20 and every 100th are kept)
+    pending/000012.json               the children bred for generation 12 (their recipes)
+    evaluations/<genome id>.json      a child's scores: with pending/, a log of every child
     LATEST                            number of the last complete generation (written last)
     lease.json                        who writes this campaign, until when
     models/<genome id>/               elite weights breeding reads (+ manifest, written last)
@@ -15,6 +18,7 @@ state or the new one, never half of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -42,10 +46,19 @@ from cycleqd.objectstore import (
     model_is_complete,
     open_store,
     publish_model,
+    read_manifest,
 )
-from cycleqd.weights import MANIFEST, SafetensorsFolder, TensorSpec, write_safetensors
+from cycleqd.weights import (
+    MANIFEST,
+    SafetensorsFolder,
+    TensorSpec,
+    sha256_file,
+    write_safetensors,
+)
 
 AREAS = ("models", "exports")
+SNAPSHOTS_KEPT = 20  # the latest snapshots kept (see CampaignStore.prune_snapshots)
+SNAPSHOT_HISTORY_EVERY = 100  # and every 100th generation's, for history
 
 
 class CampaignLockedError(CycleQDError):
@@ -90,6 +103,7 @@ class CampaignStore:
         self._lease_owner: str | None = owner
         self._shared_owner = owner is not None
         self._config = None  # the CampaignConfig `check_config` was given
+        self._verified: set[str] = set()  # model folders whose weights matched their manifest
 
     @property
     def uri(self) -> str:
@@ -167,6 +181,28 @@ class CampaignStore:
                 "overwritten. Was the campaign's config or code changed mid-campaign?"
             )
         self.store.put_bytes("LATEST", f"{generation}\n".encode())
+
+    def prune_snapshots(self, latest: int) -> list[int]:
+        """Delete the snapshots the retention policy does not keep; returns their numbers.
+
+        Kept: the last `SNAPSHOTS_KEPT` generations up to `latest` (resume needs only the
+        latest one; the others cover readers that lag behind, such as progress lines) and
+        every `SNAPSHOT_HISTORY_EVERY`-th generation as history. Without a policy the store
+        would hold one snapshot per generation forever. Never touches `latest` or newer.
+        """
+        deleted = []
+        for key in self.store.list("generations/"):
+            name = key.rsplit("/", 1)[1]
+            if not name.endswith(".json") or not name[:-5].isdigit():
+                continue
+            number = int(name[:-5])
+            if number > latest - SNAPSHOTS_KEPT and number <= latest:
+                continue
+            if number % SNAPSHOT_HISTORY_EVERY == 0 or number > latest:
+                continue
+            self.store.delete(key)
+            deleted.append(number)
+        return deleted
 
     def read_snapshot(self, generation: int) -> dict:
         """The snapshot of a generation, checked whole (genomes, lineage, archives; against
@@ -312,9 +348,33 @@ class CampaignStore:
                 "match the files there; delete the folder (it is rebuilt from its genome where "
                 "possible) or restore it"
             )
+        self._verify_weights(prefix)
         if isinstance(self.store, LocalObjectStore):
             return SafetensorsFolder(Path(self.store.root) / prefix)
         return RemoteSafetensors(self.store, prefix)
+
+    def _verify_weights(self, prefix: str) -> None:
+        """Check the bytes of a model's weight files against the sha256 its manifest records,
+        once per folder and CampaignStore. Weights are read memory-mapped or by ranged GETs,
+        which no whole-object check covers: without this, a flipped byte in an elite's
+        weights would be bred from silently. Costs one sequential read of the weights (the
+        evaluation reads them all anyway)."""
+        if prefix in self._verified:
+            return
+        manifest = read_manifest(self.store, prefix) or {}
+        for name, recorded in sorted((manifest.get("files") or {}).items()):
+            if not name.endswith(".safetensors"):
+                continue
+            key = f"{prefix}/{name}"
+            actual = _content_sha256(self.store, key)
+            if actual != recorded:
+                raise StoreIntegrityError(
+                    f"{self.uri}/{key} is corrupted: its bytes have sha256 {actual[:16]}..., "
+                    f"its manifest records {str(recorded)[:16]}...; it is not used. Delete "
+                    f"{self.uri}/{prefix}/ and resume from a snapshot that does not need it, "
+                    "or restore it"
+                )
+        self._verified.add(prefix)
 
     def write_model(
         self,
@@ -347,6 +407,17 @@ class CampaignStore:
         prefix = _model_prefix(area, genome_id)
         self.store.delete(f"{prefix}/{MANIFEST}")
         self.store.delete_prefix(f"{prefix}/")
+
+
+def _content_sha256(store: ObjectStore, key: str, chunk: int = 64 << 20) -> str:
+    """sha256 of an object's bytes, streamed (never the whole object in memory)."""
+    if isinstance(store, LocalObjectStore):
+        return sha256_file(Path(store.root).joinpath(*key.split("/")))
+    digest, start = hashlib.sha256(), 0
+    while block := store.get_range(key, start, start + chunk):
+        digest.update(block)
+        start += len(block)
+    return digest.hexdigest()
 
 
 def _area(area: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from cycleqd.evaluators import build_evaluator
 from cycleqd.state import CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, Tracker
 from cycleqd.weights import SafetensorsFolder, check_compatible
+
+log = logging.getLogger(__name__)
 
 
 def load_config_text(config_yaml: str) -> CampaignConfig:
@@ -64,6 +67,8 @@ def open_campaign(
         yield campaign
     finally:
         campaign.close()
+        for missed in tracker.missed():
+            log.warning("tracking: MLflow did not receive %s", missed)
 
 
 def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
@@ -158,7 +163,7 @@ def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
         generation = c.generation + 1
         pending = c.store.get_json(f"pending/{generation:06d}.json")
         results = c.commit_next() if pending else []
-        return {
+        summary = {
             "generation": c.generation,
             "committed": bool(pending),
             "children": [
@@ -175,6 +180,10 @@ def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
                 for s in c.config.skill_names
             },
         }
+    # After close (the tracker's last delivery attempt): this task ends here, so what MLflow
+    # has not received is reported in the task's output rather than only in its log.
+    summary["tracking_missed"] = [str(m) for m in c.tracker.missed()]
+    return summary
 
 
 def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
@@ -183,13 +192,15 @@ def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
         genome_id, scores = c.finalize()
         genome = c.book[genome_id]
         sha = c.export(genome_id, scores, {"genome.json": json.dumps(genome.to_dict())})
-        return {
+        summary = {
             "genome_id": genome_id,
             "uri": c.store.model_uri(genome_id, "exports"),
             "sha256": sha,
             "scores": scores,
             "generation": c.generation,
         }
+    summary["tracking_missed"] = [str(m) for m in c.tracker.missed()]
+    return summary
 
 
 def release(store_uri: str, owner: str) -> None:
