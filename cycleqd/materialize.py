@@ -24,6 +24,14 @@ WeightsResolver = Callable[[str], SafetensorsFolder | None]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Elements per block of a merge on the CPU (rounded down to whole rows where SVD terms are
+# added). A block's float32 base, result and scratch (3 MB) stay in cache, so each weight is
+# read from memory once and written once instead of once per elementwise pass over whole
+# tensors (~10 passes). benchmarks/bandwidth.py measured 2^16..2^20; 2^18 was fastest.
+BLOCK_ELEMENTS = 1 << 18
+
+Sources = dict[str, "SafetensorsFolder | None"]
+
 
 class Materializer:
     """Builds genomes' tensors from the base, the experts and stored elites.
@@ -64,31 +72,39 @@ class Materializer:
         }
 
     def tensors(self, genome_id: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for every tensor of the genome, checked finite."""
+        """Yield (name, tensor) for every tensor of the genome, in the output dtype, checked
+        finite."""
+        sources: Sources = {}  # resolved once per model, not once per tensor (S3: a HEAD each)
+        form = self.book.linear_form(genome_id)
+        compact = form is not None and self._source(genome_id, sources) is None
         for name in self.base.names():
-            tensor = self.tensor(genome_id, name)
+            if compact:
+                # Cast and checked block by block, straight into the output dtype.
+                yield name, self._linear(form, name, sources, self.dtype, genome_id)
+                continue
+            tensor = self._tensor(genome_id, name, {}, sources)
             if tensor.is_floating_point():
-                # A sum is finite iff every element is (barring overflow, re-checked exactly);
-                # it avoids a full boolean tensor per weight.
-                if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-                    raise NonFiniteWeightsError(
-                        f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is "
-                        "rejected and will not be archived"
-                    )
+                _check_finite(tensor, genome_id, name)
                 tensor = tensor.to(self.dtype)
             yield name, tensor
 
     def tensor(self, genome_id: str, name: str) -> torch.Tensor:
-        return self._tensor(genome_id, name, {})
+        """One tensor in float32 (integer tensors as stored), unchecked."""
+        return self._tensor(genome_id, name, {}, {})
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _source(self, genome_id: str, sources: Sources) -> SafetensorsFolder | None:
+        if genome_id not in sources:
+            sources[genome_id] = self.resolve(genome_id)
+        return sources[genome_id]
+
     def _read(
-        self, genome_id: str, name: str, memo: dict[str, torch.Tensor]
+        self, genome_id: str, name: str, memo: dict[str, torch.Tensor], sources: Sources
     ) -> torch.Tensor | None:
         if genome_id in memo:
             return memo[genome_id]
-        source = self.resolve(genome_id)
+        source = self._source(genome_id, sources)
         if source is None:
             return None
         tensor = source.get(name).to(self.device)
@@ -97,30 +113,38 @@ class Materializer:
         memo[genome_id] = tensor
         return tensor
 
-    def _tensor(self, genome_id: str, name: str, memo: dict[str, torch.Tensor]) -> torch.Tensor:
-        stored = self._read(genome_id, name, memo)
+    def _tensor(
+        self, genome_id: str, name: str, memo: dict[str, torch.Tensor], sources: Sources
+    ) -> torch.Tensor:
+        stored = self._read(genome_id, name, memo, sources)
         if stored is not None:
             return stored
-        base = self._read(self.base_id, name, memo)
-        if not base.is_floating_point():
-            return base
+        kind = self.book[genome_id].kind
+        if kind in ("base", "expert"):
+            raise GenomeError(f"{kind} genome {genome_id} has no readable weights")
         form = self.book.linear_form(genome_id)
         if form is not None:
-            out = self._from_linear_form(form, name, base, memo)
+            out = self._linear(form, name, sources, None, genome_id)
         else:
-            out = self._from_parents(genome_id, name, base, memo)
+            base = self._read(self.base_id, name, memo, sources)
+            if not base.is_floating_point():
+                return base
+            out = self._from_parents(genome_id, name, base, memo, sources)
         memo[genome_id] = out
         return out
 
     def _from_parents(
-        self, genome_id: str, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+        self,
+        genome_id: str,
+        name: str,
+        base: torch.Tensor,
+        memo: dict[str, torch.Tensor],
+        sources: Sources,
     ) -> torch.Tensor:
         genome = self.book[genome_id]
-        if genome.kind in ("base", "expert"):
-            raise GenomeError(f"{genome.kind} genome {genome_id} has no readable weights")
         task_vector = torch.zeros_like(base)
         for parent, weight in zip(genome.parents, genome.weights, strict=True):
-            task_vector.add_(self._tensor(parent, name, memo) - base, alpha=weight)
+            task_vector.add_(self._tensor(parent, name, memo, sources) - base, alpha=weight)
         mutation = genome.mutation
         if mutation is None or mutation.kind == "none":
             pass
@@ -130,47 +154,120 @@ class Materializer:
             expert_form = LinearForm(
                 svd_terms=[(mutation.expert, mutation.seed, mutation.scale, 1.0)]
             )
-            self._add_expert_svd_terms(task_vector, expert_form, name, memo)
+            self._add_expert_svd_terms(task_vector, expert_form, name, sources)
         elif mutation.kind == "gaussian":
             task_vector += gaussian_noise(
                 name, base.shape, mutation.seed, mutation.scale, self.device
             )
         return base + task_vector
 
-    def _from_linear_form(
-        self, form: LinearForm, name: str, base: torch.Tensor, memo: dict[str, torch.Tensor]
+    def _linear(
+        self,
+        form: LinearForm,
+        name: str,
+        sources: Sources,
+        out_dtype: torch.dtype | None,
+        genome_id: str,
     ) -> torch.Tensor:
-        # In place, with one scratch tensor: peak stays at ~3 copies of the largest tensor.
-        out = base.clone()
-        scratch = torch.empty_like(base)
-        for expert in sorted(form.coeffs):
-            torch.sub(self._read(expert, name, memo), base, out=scratch)
-            out.add_(scratch, alpha=form.coeffs[expert])
-        if form.svd_terms:
-            self._add_expert_svd_terms(out, form, name, memo)
-        for seed, sigma, coeff in form.noise_terms:
-            out.add_(gaussian_noise(name, base.shape, seed, sigma, self.device), alpha=coeff)
-        return out
+        """base + sum_e a_e (x_e - base) + sum_e U_e diag(b_e S_e) V_e^T (+ noise), in float32.
 
-    def _add_expert_svd_terms(
-        self, out: torch.Tensor, form: LinearForm, name: str, memo: dict[str, torch.Tensor]
-    ) -> None:
-        """out += sum_j c_j U_e diag(r_j * S_e) V_e^T, grouped by expert: one matmul each."""
-        if not is_svd_target(name, out):
-            return
-        rank = min(out.shape)
+        Block by block (whole rows) over the tensor, reading the sources' stored dtype straight
+        from their memory maps: a block's float32 inputs and result stay in cache, so each
+        weight is read from memory once and written once, instead of once per elementwise pass
+        over whole tensors. The merge's per-element arithmetic is the whole-tensor one (x_e
+        and base upcast exactly, subtract, scale-add, experts in sorted order); the SVD terms
+        are added to each block of rows. With `out_dtype` the result is checked finite and
+        cast in the same pass, unless noise terms (generated per whole tensor) follow.
+        """
+        raw_base = self._source(self.base_id, sources).get(name)
+        if not raw_base.is_floating_point():
+            return raw_base.to(self.device)
+        experts = sorted(form.coeffs)
+        raws = [self._source(e, sources).get(name) for e in experts]
+        on_cpu = self.device.type == "cpu"
+        if not on_cpu:  # one transfer per source, in its stored dtype; one block per tensor
+            raw_base = raw_base.to(self.device)
+            raws = [r.to(self.device) for r in raws]
+        shape, numel = raw_base.shape, raw_base.numel()
+        low_rank = self._scaled_svd_terms(form, name, raw_base, sources)
+        cols = shape[1] if low_rank else 1
+        block = numel
+        if on_cpu and numel:  # whole rows, so that the SVD terms can be added per block
+            block = min(numel, max(cols, BLOCK_ELEMENTS // cols * cols))
+        final = out_dtype is not None and not form.noise_terms
+        f32 = {"dtype": torch.float32, "device": self.device}
+        out32 = torch.empty(shape if not final else (0,), **f32)
+        result = torch.empty(shape, dtype=out_dtype, device=self.device) if final else out32
+        if numel:
+            base32, scratch = torch.empty(block, **f32), torch.empty(block, **f32)
+            acc = torch.empty(block, **f32) if final else None
+            flat_base = raw_base.reshape(-1)
+            flats = [r.reshape(-1) for r in raws]
+            flat_result = result.reshape(-1)
+            for start in range(0, numel, block):
+                stop = min(start + block, numel)
+                n = stop - start
+                b, s = base32[:n], scratch[:n]
+                o = acc[:n] if final else flat_result[start:stop]
+                b.copy_(flat_base[start:stop])
+                if not experts:
+                    o.copy_(b)
+                for i, (expert, flat) in enumerate(zip(experts, flats, strict=True)):
+                    if flat.dtype == torch.float32:
+                        torch.sub(flat[start:stop], b, out=s)
+                    else:  # upcast, then subtract in float32: a mixed-dtype sub is ~2x slower
+                        s.copy_(flat[start:stop])
+                        s.sub_(b)
+                    # o = b + a*s for the first expert: what copying b into o, then adding, gives
+                    if i == 0:
+                        torch.add(b, s, alpha=form.coeffs[expert], out=o)
+                    else:
+                        o.add_(s, alpha=form.coeffs[expert])
+                if low_rank:
+                    rows = o.view(n // cols, cols)
+                    for us, vh in low_rank:
+                        rows.addmm_(us[start // cols : stop // cols], vh)
+                if final:
+                    _check_finite(o, genome_id, name)
+                    flat_result[start:stop].copy_(o)
+        if final:
+            return result
+        for seed, sigma, coeff in form.noise_terms:
+            out32.add_(gaussian_noise(name, shape, seed, sigma, self.device), alpha=coeff)
+        if out_dtype is None:
+            return out32
+        _check_finite(out32, genome_id, name)
+        return out32.to(out_dtype)
+
+    def _scaled_svd_terms(
+        self, form: LinearForm, name: str, like: torch.Tensor, sources: Sources
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(U_e diag(b_e S_e), V_e^T) per expert with SVD terms, sorted by expert, where
+        b_e = sum_j c_j r_j(seed_j): the SVD terms of this tensor are sum_e us_e @ vh_e."""
+        if not form.svd_terms or not is_svd_target(name, like):
+            return []
+        rank = min(like.shape)
         scales: dict[str, torch.Tensor] = {}
         for expert, seed, rate, coeff in form.svd_terms:
             r = coeff * uniform_factors(seed, name, rank, rate)
             scales[expert] = scales[expert] + r if expert in scales else r
+        terms = []
         for expert in sorted(scales):
-            factors = self._expert_factors(expert, name, memo)
+            factors = self._expert_factors(expert, name, sources)
             if factors is None:
                 continue  # the expert left this weight unchanged: its task vector is zero
             u, s, vh = factors
             # Stored factors may have rank k < min(shape) (LoRA); the first k draws are the
             # same as in the full-rank case, so both paths build the same mutation.
-            out.addmm_(u * (s * scales[expert][: s.numel()].to(s.device)), vh)
+            terms.append((u * (s * scales[expert][: s.numel()].to(s.device)), vh))
+        return terms
+
+    def _add_expert_svd_terms(
+        self, out: torch.Tensor, form: LinearForm, name: str, sources: Sources
+    ) -> None:
+        """out += sum_j c_j U_e diag(r_j * S_e) V_e^T, grouped by expert: one matmul each."""
+        for us, vh in self._scaled_svd_terms(form, name, out, sources):
+            out.addmm_(us, vh)
 
     def _stored_factors(self, expert: str):
         """The expert's task-vector factors written at fine-tuning time, if any
@@ -186,7 +283,7 @@ class Materializer:
         return self._factor_files[expert]
 
     def _expert_factors(
-        self, expert: str, name: str, memo: dict[str, torch.Tensor]
+        self, expert: str, name: str, sources: Sources
     ) -> tuple[torch.Tensor, ...] | None:
         stored = self._stored_factors(expert)
         if stored is not None:
@@ -200,8 +297,10 @@ class Materializer:
         if key in self._factors:
             self._factors.move_to_end(key)
             return self._factors[key]
-        base = self._read(self.base_id, name, memo)
-        factors = torch.linalg.svd(self._read(expert, name, memo) - base, full_matrices=False)
+        memo: dict[str, torch.Tensor] = {}
+        base = self._read(self.base_id, name, memo, sources)
+        task_vector = self._read(expert, name, memo, sources) - base
+        factors = torch.linalg.svd(task_vector, full_matrices=False)
         size = sum(t.numel() * t.element_size() for t in factors)
         while self._factors and self._factor_bytes + size > self.factor_cache_bytes:
             _, evicted = self._factors.popitem(last=False)
@@ -210,3 +309,13 @@ class Materializer:
             self._factors[key] = factors
             self._factor_bytes += size
         return factors
+
+
+def _check_finite(tensor: torch.Tensor, genome_id: str, name: str) -> None:
+    # A sum is finite iff every element is (barring overflow, re-checked exactly); it avoids
+    # a full boolean tensor per weight.
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        raise NonFiniteWeightsError(
+            f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is rejected and "
+            "will not be archived"
+        )
