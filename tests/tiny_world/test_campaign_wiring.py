@@ -31,6 +31,25 @@ def mini_world(tmp_path_factory) -> dict:
     return build_world(tmp_path_factory.mktemp("mini-world") / "world", MINI)
 
 
+def test_experts_trained_in_parallel_processes_equal_sequential_ones(tmp_path):
+    import torch
+
+    from cycleqd.skills.tiny.train import state_of
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker process does
+    try:
+        sequential = build_world(tmp_path / "sequential", MINI)
+    finally:
+        torch.set_num_threads(saved)
+    parallel = build_world(tmp_path / "parallel", MINI, workers=2)
+    for family in FAMILIES:
+        a = state_of(sequential["experts"][family])
+        b = state_of(parallel["experts"][family])
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), family
+
+
 def test_config_names_the_tiny_world(mini_world):
     config = parse_config(tiny_campaign_config(mini_world, samples=5))
     assert config.evaluation.world == "tiny" and config.evaluation.samples == 5

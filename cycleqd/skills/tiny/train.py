@@ -297,8 +297,10 @@ def build_world(
     root: str | Path,
     cfg: WorldConfig = WorldConfig(),
     on_log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Train the base and the experts under `root`; returns
+    """Train the base and the experts under `root` (`workers` > 1: experts in that many
+    processes at once, one torch thread each); returns
     ``{"base": folder, "experts": {family: folder}, "report": {...}}``."""
     say = on_log or (lambda text: log.info("%s", text))
     root = Path(root)
@@ -317,14 +319,21 @@ def build_world(
     base = save_model(model, tokenizer, root / "base")
     say(f"base: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> {stats.last_loss:.3f}")
     report["base"] = asdict(stats)
+    jobs = [(str(root), str(base), family, i, cfg) for i, family in enumerate(cfg.families)]
+    if workers > 1:
+        # One process per expert, one torch thread each: on a small machine this beats one
+        # process with several threads (the model's ops are too small to split well).
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            done = list(pool.map(_train_expert, jobs))
+    else:
+        done = [_train_expert(job, progress) for job in jobs]
     experts: dict[str, str] = {}
-    for i, family in enumerate(cfg.families):
-        examples = skill_examples(family, cfg.n_skill, cfg.seed, cfg.level)
-        write_jsonl(root / "data" / f"{family}.jsonl", examples)
-        model, _ = load_model(base)
-        expert_cfg = TrainConfig(**{**asdict(cfg.expert), "seed": cfg.expert.seed + i + 1})
-        stats = train(model, tokenizer, examples, expert_cfg, on_log=progress(family))
-        experts[family] = str(save_model(model, tokenizer, root / f"expert-{family}"))
+    for family, folder, stats in done:
+        experts[family] = folder
         say(
             f"{family} expert: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> "
             f"{stats.last_loss:.3f}"
@@ -334,6 +343,22 @@ def build_world(
         json.dumps({"base": str(base), "experts": experts, "report": report}, indent=2)
     )
     return {"base": str(base), "experts": experts, "report": report}
+
+
+def _train_expert(
+    job: tuple[str, str, str, int, WorldConfig],
+    progress: Callable[[str], Callable[[int, float], None]] | None = None,
+) -> tuple[str, str, TrainStats]:
+    """Fine-tune one expert from the saved base (also the body of a worker process)."""
+    root, base, family, index, cfg = job
+    if progress is None:  # in a worker process
+        torch.set_num_threads(1)
+    examples = skill_examples(family, cfg.n_skill, cfg.seed, cfg.level)
+    write_jsonl(Path(root) / "data" / f"{family}.jsonl", examples)
+    model, tokenizer = load_model(base)
+    expert_cfg = TrainConfig(**{**asdict(cfg.expert), "seed": cfg.expert.seed + index + 1})
+    stats = train(model, tokenizer, examples, expert_cfg, on_log=progress and progress(family))
+    return family, str(save_model(model, tokenizer, Path(root) / f"expert-{family}")), stats
 
 
 def task_vector_stats(world: dict[str, Any]) -> dict[str, Any]:
@@ -414,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=BUILD_THREADS,
         help="torch threads (see BUILD_THREADS)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="experts trained at once (one process each)"
+    )
     parser.add_argument("--samples", type=int, default=96, help="evaluation samples per skill")
     parser.add_argument("--config", default="{}", help="WorldConfig overrides as JSON")
     parser.add_argument("--score-only", action="store_true")
@@ -425,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.score_only:
         world = json.loads((out / "world.json").read_text())
     else:
-        world = build_world(out, cfg, on_log=print)
+        world = build_world(out, cfg, on_log=print, workers=args.workers)
     merges = [
         ("average", (1 / 3, 1 / 3, 1 / 3)),
         ("sum (task arithmetic)", (1.0, 1.0, 1.0)),
