@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,6 +118,8 @@ class Campaign:
         self.archives = ArchiveSet.for_config(config)
         self.generation = -1  # last complete generation; 0 = seeded
         self.history: list[ChildResult] = []
+        # Seconds spent here, by part (materialize_s, evaluate_s, commit_s) and models scored.
+        self.timings: Counter[str] = Counter()
         self._sources: dict[str, SafetensorsFolder] = {}  # base and experts
         # open handles on stored elites
         self._stored: dict[str, SafetensorsFolder | RemoteSafetensors] = {}
@@ -210,7 +214,7 @@ class Campaign:
                 genome_id, self.materializer.specs(), self.materializer.tensors(genome_id)
             )
             stored = self.store.open_model(genome_id)
-            return self.evaluator.evaluate(genome_id, ((n, stored.get(n)) for n in stored.names()))
+            return self._timed_evaluate(genome_id, ((n, stored.get(n)) for n in stored.names()))
         if self.book.linear_form(genome_id) is None and genome_id not in self._written:
             # Weights uploaded by an attempt that died before recording its evaluation: the
             # record must still carry their sha256 (the lineage's link to the weights).
@@ -218,7 +222,30 @@ class Campaign:
             sha = (manifest.get("files") or {}).get("model.safetensors")
             if isinstance(sha, str):
                 self._written[genome_id] = sha
-        return self.evaluator.evaluate(genome_id, self.materializer.tensors(genome_id))
+        return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id))
+
+    def _timed_evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
+        """Evaluate, adding to `timings` the seconds spent producing tensors (materialising or
+        reading weights) and in the evaluator as a whole (benchmarks split a generation)."""
+        started = time.perf_counter()
+        spent = [0.0]
+
+        def timed() -> Iterator[tuple[str, torch.Tensor]]:
+            source = iter(tensors)
+            while True:
+                tic = time.perf_counter()
+                item = next(source, None)
+                spent[0] += time.perf_counter() - tic
+                if item is None:
+                    return
+                yield item
+
+        try:
+            return self.evaluator.evaluate(genome_id, timed())
+        finally:
+            self.timings["materialize_s"] += spent[0]
+            self.timings["evaluate_s"] += time.perf_counter() - started - spent[0]
+            self.timings["models"] += 1
 
     def seed(self) -> None:
         """Generation 0: every expert, scored on every skill, offered to every archive."""
@@ -372,6 +399,7 @@ class Campaign:
         return {n: (folder / n).read_text() for n in names if (folder / n).is_file()}
 
     def _commit(self, generation: int) -> None:
+        started = time.perf_counter()
         # The snapshot carries what the archives need (elites and their ancestors, to rebuild
         # and trace them) and this generation's children; children that died in an earlier
         # generation stay only in their generation's pending/ and evaluations/ records.
@@ -389,6 +417,7 @@ class Campaign:
         self.generation = generation
         self.store.prune_snapshots(generation)
         self._collect_garbage()
+        self.timings["commit_s"] += time.perf_counter() - started
 
     def _collect_garbage(self) -> None:
         """Drop stored weights that no archive references: nothing will read them again.

@@ -259,3 +259,16 @@ def test_stored_low_rank_factors_give_the_same_child(tiny_world, probe_evaluator
         )
     assert stored.materializer._factors == {}  # nothing was decomposed
     assert fresh.materializer._factors  # the other path did decompose
+
+
+def test_timings_split_materialisation_evaluation_and_commit(
+    tiny_world, probe_evaluator, tmp_path
+):
+    campaign = _campaign(tiny_world, probe_evaluator, tmp_path, population=2, generations=2)
+    campaign.seed()
+    campaign.step()
+    campaign.step()
+    timings = campaign.timings
+    assert timings["models"] == 3 + 2 * 2  # the experts, then two children per generation
+    assert timings["materialize_s"] > 0 and timings["evaluate_s"] > 0
+    assert timings["commit_s"] > 0
