@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from cycleqd.errors import CycleQDError, MissingTensorError
+from cycleqd.redact import install_log_redaction, redact_text, redact_uri, register_secret
 from cycleqd.weights import _CODE_DTYPES, MANIFEST, TensorSpec, sha256_file
 
 SECRET_DIR_ENV = "CYCLEQD_S3_SECRET_DIR"
@@ -535,6 +536,9 @@ class S3ObjectStore(ObjectStore):
         self.max_concurrency = max(1, int(max_concurrency))
         self.upload_attempts = max(1, int(upload_attempts))
         self._creds = _resolve_credentials(access_key_id, secret_access_key, session_token)
+        creds = self._creds  # masked in every message and log line from here on
+        for value in (creds.access_key_id, creds.secret_access_key, creds.session_token):
+            register_secret(value)
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
@@ -556,6 +560,8 @@ class S3ObjectStore(ObjectStore):
             aws_session_token=self._creds.session_token,
             config=config,
         )
+        # botocore logs headers (key id, session token) and the endpoint URL at DEBUG.
+        install_log_redaction()
         self._read_timeout = read_timeout
         self._bucket_checked = False
         self._lock = threading.Lock()
@@ -568,7 +574,8 @@ class S3ObjectStore(ObjectStore):
 
     @property
     def endpoint(self) -> str:
-        return self.endpoint_url or self._client.meta.endpoint_url
+        """The endpoint as shown in messages: without any userinfo (credentials)."""
+        return redact_uri(self.endpoint_url or self._client.meta.endpoint_url)
 
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.uri!r}, endpoint={self.endpoint!r})"
@@ -634,7 +641,7 @@ class S3ObjectStore(ObjectStore):
                 isinstance(status, int) and status >= 500
             ) or code in _TRANSIENT_CODES
             return error
-        return StoreError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
+        return StoreError(f"cannot {action} {where}: {type(exc).__name__}: {redact_text(exc)}")
 
     def _bucket_missing(self) -> StoreBucketMissingError:
         return StoreBucketMissingError(
@@ -829,22 +836,30 @@ def open_store(uri: str | Path, **s3_options) -> ObjectStore:
     if isinstance(uri, Path):
         return LocalObjectStore(uri)
     if not isinstance(uri, str) or not uri.strip():
-        raise StoreError(f"invalid store URI {uri!r}: use s3://bucket/prefix or a folder path")
+        shown = redact_uri(uri) if isinstance(uri, str) else repr(uri)
+        raise StoreError(f"invalid store URI {shown!r}: use s3://bucket/prefix or a folder path")
     uri = uri.strip()
     if "://" not in uri:
         return LocalObjectStore(uri)
+    shown = redact_uri(uri)  # error messages never repeat credentials put in the URI
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
+    if "@" in parsed.netloc:
+        raise StoreError(
+            f"invalid store URI {shown!r}: credentials do not belong in the URI (it is logged "
+            "and tracked); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or mount the S3 secret "
+            f"and set {SECRET_DIR_ENV}"
+        )
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise StoreError(f"invalid store URI {uri!r}: use file:///absolute/path")
+            raise StoreError(f"invalid store URI {shown!r}: use file:///absolute/path")
         return LocalObjectStore(unquote(parsed.path))
     if scheme == "s3":
         if not parsed.netloc:
-            raise StoreError(f"invalid store URI {uri!r}: no bucket; use s3://bucket/prefix")
+            raise StoreError(f"invalid store URI {shown!r}: no bucket; use s3://bucket/prefix")
         return S3ObjectStore(parsed.netloc, unquote(parsed.path).strip("/"), **s3_options)
     raise StoreError(
-        f"unsupported store URI {uri!r}: use s3://bucket/prefix, file:///path or a folder path"
+        f"unsupported store URI {shown!r}: use s3://bucket/prefix, file:///path or a folder path"
     )
 
 

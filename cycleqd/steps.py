@@ -20,6 +20,7 @@ from cycleqd.campaign import Campaign
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.evaluators import build_evaluator
+from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, Tracker
 from cycleqd.weights import SafetensorsFolder, check_compatible
@@ -106,8 +107,8 @@ def _check_mlflow(tracking_uri: str) -> None:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # any failure here means: not reachable as configured
         raise CycleQDError(
-            f"MLflow at {tracking_uri} is not reachable ({type(exc).__name__}); check the "
-            "tracking URI, or leave it empty to run without tracking"
+            f"MLflow at {redact_uri(tracking_uri)} is not reachable ({type(exc).__name__}); "
+            "check the tracking URI, or leave it empty to run without tracking"
         ) from None
 
 

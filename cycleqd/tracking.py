@@ -67,6 +67,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import unquote, urlparse
 
+from cycleqd.redact import install_log_redaction, redact_text, redact_uri
+
 if TYPE_CHECKING:
     from cycleqd.archive import ArchiveSet
     from cycleqd.campaign import ChildResult
@@ -202,7 +204,8 @@ def _now_ms() -> int:
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    # MLflow's errors name the request URL, userinfo included: mask it (logged and reported).
+    text = " ".join(redact_text(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -260,13 +263,17 @@ def _quote(value: str) -> str:
 
 
 @contextlib.contextmanager
-def _http_settings(timeout: float) -> Iterator[None]:
+def _http_settings(timeout: float, quiet_urls: bool = False) -> Iterator[None]:
     """Fail fast while the server is away: no client-side retry loops (the tracker retries on
-    the next event), a bounded timeout. Settings the user exported are left alone."""
+    the next event), a bounded timeout. With `quiet_urls`, MLflow does not print "View run at
+    <tracking URI>" lines (they would show the URI's credentials). Settings the user exported
+    are left alone."""
     wanted = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout))),
     }
+    if quiet_urls:
+        wanted["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     added = [k for k in wanted if k not in os.environ]
     for key in added:
         os.environ[key] = wanted[key]
@@ -357,6 +364,7 @@ class MLflowTracker:
         self.request_timeout = request_timeout
         self.elite_maps_every = elite_maps
         self.host_run_id = os.environ.get("MLFLOW_RUN_ID") or None
+        install_log_redaction()  # our log lines quote MLflow's errors, which name the URL
 
         self._client_obj = None
         self._pending: deque[_Event] = deque()
@@ -578,7 +586,8 @@ class MLflowTracker:
             and time.monotonic() - self._last_failure < self.retry_interval
         ):
             return
-        with _http_settings(self.request_timeout):
+        quiet = redact_uri(self.tracking_uri) != self.tracking_uri  # it holds credentials
+        with _http_settings(self.request_timeout, quiet_urls=quiet):
             try:
                 self._deliver()
             finally:
@@ -630,6 +639,7 @@ class MLflowTracker:
             self._client_obj = MlflowClient(
                 tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
             )
+            install_log_redaction()  # MLflow's and urllib3's loggers exist from here on
         return self._client_obj
 
     def _common_tags(self) -> dict[str, str]:
@@ -845,7 +855,7 @@ class MLflowTracker:
                     log.warning(
                         "tracking: MLFLOW_RUN_ID=%s is not a run of %s; creating our own runs",
                         self.host_run_id,
-                        self.tracking_uri,
+                        redact_uri(self.tracking_uri),
                     )
         name = self.experiment_name or self.campaign_name or "cycleqd"
         experiment = client.get_experiment_by_name(name)
@@ -1274,6 +1284,7 @@ def _dataset_entity(name: str, digest: str, source: str):
     """An MLflow data set entity (name, digest, source) without reading the data."""
     from mlflow.data.meta_dataset import MetaDataset
 
+    source = redact_uri(source)  # a download URL may carry a token in its userinfo
     try:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cycleqd import cli as core
 from cycleqd.errors import CycleQDError
+from cycleqd.redact import redact_uri
 
 
 def _options(args: argparse.Namespace):
@@ -82,7 +83,7 @@ def _run_local(args: argparse.Namespace) -> int:
         core.print_summary(campaign, final_id, final_scores)
     print(f"final model: {store.model_uri(final_id, 'exports')}")
     if tracking_uri:
-        print(f"MLflow: {tracking_uri}")
+        print(f"MLflow: {redact_uri(tracking_uri)}")
     return 0
 
 
