@@ -85,8 +85,20 @@ def breed(
     return children
 
 
-def final_genome(archives: ArchiveSet) -> Genome:
-    """Best elite of each archive merged with beta = softmax(quality)."""
+def final_genome(archives: ArchiveSet, method: str = "merge_best") -> Genome:
+    """The final model (see `FinalConfig`): the best elite of each archive merged with
+    beta = softmax(quality), or the elite with the best mean score over the skills."""
+    if method == "best_mean":
+        elites = sorted(
+            (e for s in archives.skill_names for e in archives[s].cells.values()),
+            key=lambda e: e.genome_id,  # ties: the same pick whatever the insertion order
+        )
+        if not elites:
+            raise ValueError("the archives are empty: seed them with the experts first")
+        best = max(elites, key=lambda e: sum(e.scores.values()) / len(e.scores))
+        return Genome(kind="final", parents=(best.genome_id,), weights=(1.0,))
+    if method != "merge_best":
+        raise ValueError(f"unknown final method {method!r}")
     bests = [archives[s].best() for s in archives.skill_names]
     beta = aggregation_weights(np.array([b.quality for b in bests]))
     return Genome(
@@ -362,7 +374,7 @@ class Campaign:
                 on_generation(self.generation, results)
 
     def finalize(self) -> tuple[str, dict[str, float] | None]:
-        genome = final_genome(self.archives)
+        genome = final_genome(self.archives, self.config.final.method)
         gid = self.book.add(genome)
         return gid, self.evaluate(gid)
 

@@ -155,33 +155,52 @@ def _run_campaign(campaign, config, store) -> int:
 
 
 def print_summary(campaign, final_id: str, final_scores: dict[str, float] | None) -> None:
-    """Experts, their plain average merge and the final model on every skill."""
+    """Experts, their plain average merge and the final model on every skill; for the tiny
+    world again on held-out questions (the search selected on the first set)."""
     from cycleqd.genome import Genome
 
     skills = campaign.config.skill_names
-    header = f"{'model':<22}" + "".join(f"{s:>12}" for s in skills) + f"{'mean':>10}"
-    print(header)
-    print("-" * len(header))
     experts = campaign.book.expert_ids()
-    for skill, gid in experts.items():
-        _row(f"expert {skill}", campaign.evaluate(gid), skills)
     average = Genome(
         kind="final",
         parents=tuple(experts.values()),
         weights=tuple(1 / len(experts) for _ in experts),
     )
-    _row("average of experts", campaign.evaluate(campaign.book.add(average)), skills)
+    models = [(f"expert {skill}", gid) for skill, gid in experts.items()]
+    models.append(("average of experts", campaign.book.add(average)))
+    final_label = f"final ({campaign.config.final.method})"
     if final_scores:
-        _row("final merge", final_scores, skills)
+        models.append((final_label, final_id))
+    _table("scores on the search's evaluation set", campaign, models, skills)
+    evaluation = campaign.config.evaluation
+    if evaluation.world == "tiny" and evaluation.holdout_seed != evaluation.seed:
+        from cycleqd.evaluators import build_evaluator
+
+        holdout = campaign.config.model_copy(
+            update={"evaluation": evaluation.model_copy(update={"seed": evaluation.holdout_seed})}
+        )
+        searched, campaign.evaluator = campaign.evaluator, build_evaluator(holdout)
+        try:
+            title = f"scores on held-out questions (seed {evaluation.holdout_seed})"
+            _table(title, campaign, models, skills)
+        finally:
+            campaign.evaluator = searched
     print(
         "\narchive fill: "
         + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
     )
 
 
-def _row(label: str, scores: dict[str, float], skills: list[str]) -> None:
-    mean = sum(scores[s] for s in skills) / len(skills)
-    print(f"{label:<22}" + "".join(f"{scores[s]:>12.3f}" for s in skills) + f"{mean:>10.3f}")
+def _table(title: str, campaign, models: list[tuple[str, str]], skills: list[str]) -> None:
+    header = f"{'model':<22}" + "".join(f"{s:>12}" for s in skills) + f"{'mean':>10}"
+    print(f"\n{title}\n{header}\n" + "-" * len(header))
+    for label, gid in models:
+        scores = campaign.evaluate(gid)
+        if scores is None:
+            print(f"{label:<22} rejected (non-finite weights)")
+            continue
+        mean = sum(scores[s] for s in skills) / len(skills)
+        print(f"{label:<22}" + "".join(f"{scores[s]:>12.3f}" for s in skills) + f"{mean:>10.3f}")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -247,7 +266,7 @@ def _latest_export(store, exported: list[str]) -> str:
     config = parse_config(yaml.safe_load(store.read_config_text() or "{}"), source="store config")
     archives = ArchiveSet.for_config(config)
     archives.load_dict(store.read_snapshot(store.latest_generation())["archives"])
-    genome = final_genome(archives).id
+    genome = final_genome(archives, config.final.method).id
     if genome not in exported:
         raise CycleQDError(
             f"the final merge of the last generation ({genome}) was not exported yet; "

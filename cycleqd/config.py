@@ -95,6 +95,22 @@ class EvaluationConfig(_Strict):
     seed: int = Field(default=1, ge=0)
     level: int = Field(default=2, ge=1, le=3)
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0: torch's default")
+    # The summary's second opinion: the tiny world scores the final comparison again on
+    # questions drawn with this seed, so the search's selection cannot flatter its pick.
+    holdout_seed: int = Field(default=1001, ge=0)
+
+
+class FinalConfig(_Strict):
+    """The campaign's final model, built from the last archives.
+
+    - merge_best (paper): merge the best elite of every archive, theta = theta_base +
+      sum_k beta_k tau_k with beta = softmax(qualities).
+    - best_mean: the elite, over all archives, with the best mean score over the skills (the
+      archives' best generalist). Where the experts stay the best of their own skill the
+      paper's merge is little more than the experts' average; this keeps what the search found.
+    """
+
+    method: Literal["merge_best", "best_mean"] = "merge_best"
 
 
 class ModelsConfig(_Strict):
@@ -115,6 +131,7 @@ class CampaignConfig(_Strict):
     crossover: CrossoverConfig = CrossoverConfig()
     mutation: MutationConfig = MutationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    final: FinalConfig = FinalConfig()
     dtype: DType = "float32"
 
     @model_validator(mode="after")

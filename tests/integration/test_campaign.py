@@ -192,6 +192,36 @@ def test_final_model_is_softmax_merge_of_best_elites(tiny_world, probe_evaluator
     assert len(sha) == 64
 
 
+@pytest.mark.parametrize("kind", ["svd_expert", "svd"])
+def test_best_mean_final_is_the_best_generalist_with_its_weights(
+    tiny_world, probe_evaluator, tmp_path, kind
+):
+    campaign = _campaign(
+        tiny_world,
+        probe_evaluator,
+        tmp_path,
+        generations=4,
+        mutation={"kind": kind},
+        final={"method": "best_mean"},
+    )
+    campaign.run()
+    gid, scores = campaign.finalize()
+    elites = [e for s in campaign.config.skill_names for e in campaign.archives[s].cells.values()]
+    best = max(sum(e.scores.values()) for e in elites)
+    (parent,) = campaign.book[gid].parents
+    assert campaign.book[gid].weights == (1.0,)
+    picked = next(e for e in elites if e.genome_id == parent)
+    assert sum(picked.scores.values()) == best
+    assert scores == picked.scores  # the same weights, so the same scores
+    for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(
+            campaign.materializer.tensor(gid, name),
+            campaign.materializer.tensor(parent, name),
+            rtol=0,
+            atol=1e-6,
+        )
+
+
 def test_bounded_factor_cache_gives_the_same_weights(tiny_world, probe_evaluator, tmp_path):
     campaign = _campaign(tiny_world, probe_evaluator, tmp_path)
     e = list(campaign.book.expert_ids().values())
@@ -261,9 +291,7 @@ def test_stored_low_rank_factors_give_the_same_child(tiny_world, probe_evaluator
     assert fresh.materializer._factors  # the other path did decompose
 
 
-def test_timings_split_materialisation_evaluation_and_commit(
-    tiny_world, probe_evaluator, tmp_path
-):
+def test_timings_split_materialisation_evaluation_and_commit(tiny_world, probe_evaluator, tmp_path):
     campaign = _campaign(tiny_world, probe_evaluator, tmp_path, population=2, generations=2)
     campaign.seed()
     campaign.step()

@@ -18,7 +18,7 @@ def test_embedded_quick_start_run(tmp_path, capsys):
         "expert probe_b",
         "expert probe_c",
         "average of experts",
-        "final merge",
+        "final (merge_best)",
     ):
         assert label in out
     exports = list((workdir / "campaign" / "exports").iterdir())
@@ -44,7 +44,7 @@ def test_cli_run_and_resume(tiny_world, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     assert main(["run", "--config", str(path), "--workdir", workdir]) == 0
     out = capsys.readouterr().out
-    assert "gen    3/3" in out and "final merge" in out and "average of experts" in out
+    assert "gen    3/3" in out and "final (merge_best)" in out and "average of experts" in out
     assert main(["run", "--config", str(path), "--workdir", workdir, "--generations", "5"]) == 0
     out = capsys.readouterr().out
     assert "resuming campaign 'tiny' after generation 3" in out

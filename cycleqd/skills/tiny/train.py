@@ -381,18 +381,31 @@ def task_vector_stats(world: dict[str, Any]) -> dict[str, Any]:
 
 
 def campaign_config(
-    models: dict[str, Any], name: str = "tiny-world", generations: int = 30, samples: int = 96
+    models: dict[str, Any],
+    name: str = "tiny-world",
+    generations: int = 12,
+    samples: int = 96,
+    population: int = 4,
 ) -> dict[str, Any]:
     """A campaign config (dict) over a built world: the three tiny skills, BC range [0, 1],
-    scored on `samples` held-out questions per skill (seed 1: not the training seed)."""
+    scored on `samples` held-out questions per skill (seed 1: not the training seed).
+
+    Measured choices (see README "The tiny skill world"): the official code's expert-SVD
+    mutation (rate 0.3) breeds children whose mean beats the experts' average, where the
+    paper's SVD mutation, which shrinks task vectors on average, bred none in 9 generations;
+    the experts stay the best of their own skill (0.89-0.98, near the ceiling), so the final
+    model is the archives' best generalist (`best_mean`), not the paper's merge of the best
+    per archive (which here is the experts' average again)."""
     return {
         "name": name,
         "seed": 0,
         "generations": generations,
-        "population": 1,
+        "population": population,
         "skills": [{"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15} for f in FAMILIES],
         "models": {"base": models["base"], "experts": dict(models["experts"])},
+        "mutation": {"kind": "svd_expert", "rate": 0.3},
         "evaluation": {"world": "tiny", "samples": samples, "seed": 1, "level": 2},
+        "final": {"method": "best_mean"},
     }
 
 
