@@ -119,7 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     if tracker is not None:
         where = args.tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
         missed = tracker.missed()
-        print(f"MLflow: {where}" + (f" ({len(missed)} events not delivered)" if missed else ""))
+        from cycleqd.redact import redact_uri
+
+        shown = redact_uri(where)
+        print(f"MLflow: {shown}" + (f" ({len(missed)} events not delivered)" if missed else ""))
     return code
 
 
@@ -349,7 +352,9 @@ def main(argv: list[str] | None = None, extend=None) -> int:
     try:
         return args.handler(args)
     except CycleQDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from cycleqd.redact import redact_text
+
+        print(f"error: {redact_text(exc)}", file=sys.stderr)
         return 2
 
 

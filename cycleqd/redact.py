@@ -37,7 +37,8 @@ SECRET_ENVS = (
 MIN_SECRET_LEN = 6
 LOGGER_PREFIXES = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "mlflow", "cycleqd")
 
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@?#'\"<>]+@")
+# `scheme:/` too: a URI turned into a path (Path('s3://u:pw@b')) loses one slash.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://?)[^/\s@?#'\"<>]+@")
 _PATTERNS = (
     # AWS SigV4: the access key id in the Authorization header and presigned URLs.
     (re.compile(r"(Credential=)[^/\s,'\"&%]+", re.IGNORECASE), r"\1" + MASK),

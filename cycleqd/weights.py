@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from cycleqd.errors import MissingTensorError, ModelMismatchError
+from cycleqd.redact import redact_text
 
 MANIFEST = "cycleqd-manifest.json"
 # Where fine-tuning leaves an expert's task-vector SVD factors, beside its weights.
@@ -95,8 +96,8 @@ class SafetensorsFolder:
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise MissingTensorError(
-                f"{self.folder}: no *.safetensors files; point the config at a model folder "
-                "saved with save_pretrained(safe_serialization=True)"
+                f"{redact_text(self.folder)}: no *.safetensors files; point the config at a "
+                "model folder saved with save_pretrained(safe_serialization=True)"
             )
         self._file_of: dict[str, Path] = {}
         self._specs: dict[str, TensorSpec] = {}
@@ -115,7 +116,7 @@ class SafetensorsFolder:
     def get(self, name: str) -> torch.Tensor:
         file = self._file_of.get(name)
         if file is None:
-            raise MissingTensorError(f"{self.folder}: tensor {name!r} is missing")
+            raise MissingTensorError(f"{redact_text(self.folder)}: tensor {name!r} is missing")
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")

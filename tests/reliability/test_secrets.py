@@ -506,11 +506,6 @@ def test_compiled_pipeline_and_submit_arguments_hold_no_credential(
     assert not scan.leaks, scan.report()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cycleqd/weights.py SafetensorsFolder errors echo the model path verbatim (a path "
-    "normalised to 's3:/u:pw@...' escapes URL redaction); fix: redact_text() its messages",
-)
 def test_model_path_with_credentials_is_not_echoed(tiny_world, sentinel_env, tmp_path):
     text = _config_yaml(tiny_world).replace(
         str(tiny_world["base"]), f"s3://u:{URI_PASSWORD}@bucket/base"
@@ -526,11 +521,6 @@ def test_model_path_with_credentials_is_not_echoed(tiny_world, sentinel_env, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="cycleqd/cli.py `_run` prints `MLflow: {args.tracking_uri}` unredacted; "
-    "fix: print redact_uri(where) (cycleqd.redact)",
-)
 def test_cli_run_on_s3_prints_no_credential(
     tiny_world, sentinel_s3, sentinel_mlflow, sentinel_env, caplog, capfd, tmp_path, reliability
 ):
