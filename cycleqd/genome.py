@@ -286,6 +286,8 @@ class GenomeBook:
         return [{"id": g, **x.to_dict()} for g, x in self._genomes.items()]
 
     def load_list(self, records: list[dict]) -> None:
+        if not isinstance(records, list):
+            raise GenomeError(f"genome records must be a list, got {type(records).__name__}")
         for record in records:
             genome = Genome.from_dict(record)
             if record.get("id") not in (None, genome.id):
@@ -294,5 +296,3 @@ class GenomeBook:
                     "the file was edited or corrupted"
                 )
             self.add(genome)
-        if not isinstance(records, list):
-            raise GenomeError(f"genome records must be a list, got {type(records).__name__}")
