@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             local_dir=None if args.tracking_uri else workdir,
         )
     with Campaign(config, store, evaluator, tracker) as campaign:
-        code = _run_campaign(campaign, config, store)
+        code = _run_campaign(campaign, config, store, workdir)
     if tracker is not None:
         where = args.tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
         missed = tracker.missed()
@@ -126,8 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-def _run_campaign(campaign, config, store) -> int:
-
+def _run_campaign(campaign, config, store, workdir: Path) -> int:
     start = campaign.generation
     if start >= 0:
         print(f"resuming campaign {config.name!r} after generation {start}")
@@ -153,6 +152,7 @@ def _run_campaign(campaign, config, store) -> int:
         f"({campaign.generation - max(start, 0)} this run, {time.perf_counter() - started:.1f} s)"
     )
     print_summary(campaign, final_id, final_scores)
+    save_elite_maps(campaign, workdir)
     print(f"final model: {store.model_uri(final_id, 'exports')} (sha256 {sha[:12]}...)")
     return 0
 
@@ -192,6 +192,14 @@ def print_summary(campaign, final_id: str, final_scores: dict[str, float] | None
         "\narchive fill: "
         + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
     )
+
+
+def save_elite_maps(campaign, workdir: str | Path) -> None:
+    """The last archives as one PNG heatmap per skill in `<workdir>/elite-maps/`."""
+    from cycleqd.elite_maps import write_elite_maps
+
+    paths = write_elite_maps(campaign.archives, Path(workdir) / "elite-maps")
+    print(f"elite maps (generation {campaign.generation}): " + ", ".join(map(str, paths)))
 
 
 def _table(title: str, campaign, models: list[tuple[str, str]], skills: list[str]) -> None:

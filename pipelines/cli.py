@@ -81,6 +81,7 @@ def _run_local(args: argparse.Namespace) -> int:
             f"({campaign.generation - max(latest or 0, 0)} this run, {elapsed:.1f} s)"
         )
         core.print_summary(campaign, final_id, final_scores)
+        core.save_elite_maps(campaign, workdir)
     print(f"final model: {store.model_uri(final_id, 'exports')}")
     if tracking_uri:
         print(f"MLflow: {redact_uri(tracking_uri)}")

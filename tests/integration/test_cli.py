@@ -23,6 +23,9 @@ def test_embedded_quick_start_run(tmp_path, capsys):
         assert label in out
     exports = list((workdir / "campaign" / "exports").iterdir())
     assert len(exports) == 1 and (exports[0] / "cycleqd-manifest.json").exists()
+    maps = sorted(p.name for p in (workdir / "elite-maps").iterdir())
+    assert maps == [f"{s}.png" for s in sorted(tiny.SKILLS)]
+    assert all((workdir / "elite-maps" / m).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for m in maps)
     assert (workdir / "campaign" / "generations" / "000004.json").exists()
     # Tracked in the embedded MLflow store: one run per generation, the final model registered.
     assert "MLflow: sqlite:///" in out and "not delivered" not in out

@@ -180,6 +180,10 @@ def test_killed_local_run_resumes_without_loss(tiny_world, tmp_path):
     assert f"resuming campaign 'killed' after generation {killed_at}" in second.stdout
     assert f"gen {killed_at:4d}/" not in second.stdout  # no generation done twice
     assert store.latest_generation() == 4
+    assert "final (merge_best)" in second.stdout and "average of experts" in second.stdout
+    assert sorted(p.name for p in (workdir / "elite-maps").iterdir()) == [
+        f"{s}.png" for s in sorted(tiny.SKILLS)
+    ]
     with Campaign(
         parse_config(config),
         CampaignStore(tmp_path / "whole"),
