@@ -52,7 +52,9 @@ def _tiny_world(folder: Path) -> dict:
         )
         started = time.perf_counter()
         workers = min(len(train.FAMILIES), os.cpu_count() or 1)
-        with _torch_threads(train.BUILD_THREADS):
+        threads = train.build_threads()
+        print(f"  {threads} torch thread(s) for the base, {workers} process(es) for the experts")
+        with _torch_threads(threads):
             world = train.build_world(folder, on_log=_log_world_step, workers=workers)
         print(f"tiny world built in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return train.campaign_config(world)

@@ -104,3 +104,15 @@ def test_default_run_reuses_the_world_in_its_workdir(mini_world, tmp_path, capsy
     out = capsys.readouterr().out
     assert "building the tiny skill world" not in out
     assert "campaign 'tiny-world': 1 generations" in out
+
+
+def test_base_training_threads_are_the_idle_cores(monkeypatch):
+    from cycleqd.skills.tiny import train
+
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert train.build_threads() == 2
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert train.build_threads() == 1
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert train.build_threads() == 1

@@ -1,0 +1,173 @@
+"""Where a generation's time goes: the tiny skill world through kfp.local, split into
+orchestration, materialisation, generation + scoring, and archive update.
+
+The same campaign (same seed, so the same children) runs twice:
+(a) through the Kubeflow pipeline with `kfp.local` (every stage a subprocess, as `cycleqd run`
+    does): the wall time of each generation is read from the store (the time between two
+    committed snapshots);
+(b) in one process with `Campaign`, whose `timings` split the work itself: breeding,
+    materialisation (producing the child's tensors), evaluation (loading them into the warm
+    model, generating, running the answers in the sandbox, scoring) and the archive update
+    (insert + snapshot + garbage collection).
+Orchestration is (a) minus the work of (b): process starts, imports, opening the campaign,
+building the evaluator, the KFP launcher. The target of issue 8: everything but generation and
+scoring under 20% of a generation.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/generation_overhead.py --world runs/tiny/world
+    PYTHONPATH=. .venv/bin/python benchmarks/generation_overhead.py --world DIR --population 8
+
+`--world` is a built tiny world (a folder with world.json: `cycleqd run` builds one in
+runs/tiny/world; `python -m cycleqd.skills.tiny.train DIR` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def campaign_config(world: Path, generations: int, population: int, samples: int):
+    from cycleqd.config import parse_config
+    from cycleqd.skills.tiny.train import campaign_config as tiny_config
+
+    models = json.loads((world / "world.json").read_text())
+    data = tiny_config(
+        models, name="overhead", generations=generations, samples=samples, population=population
+    )
+    data["evaluation"]["threads"] = 1
+    return parse_config(data)
+
+
+def run_kfp_local(config, root: Path, parallelism: int = 1) -> list[float]:
+    """Seconds per generation through kfp.local (from the committed snapshots' times)."""
+    from kfp import local
+
+    from cycleqd.state import DRIVER_PID_ENV, CampaignStore
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
+
+    os.environ[DRIVER_PID_ENV] = str(os.getpid())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"))
+    options = PipelineOptions(generations_per_run=config.generations, parallelism=parallelism)
+    pipeline = build_pipeline(options)
+    store_uri = str(root / "campaign")
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "kfp-local.log"
+    with log.open("w") as out:  # kfp.local prints every task's log: keep the table readable
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            pipeline(campaign_config=config.to_yaml(), campaign_store_uri=store_uri)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    snapshots = root / "campaign" / "generations"
+    store = CampaignStore(store_uri)
+    assert store.latest_generation() == config.generations, f"see {log}"
+    times = [(snapshots / f"{g:06d}.json").stat().st_mtime for g in range(config.generations + 1)]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def run_in_process(config, root: Path) -> dict[str, float]:
+    """The same generations in one process, split by `Campaign.timings`."""
+    from cycleqd.campaign import Campaign
+    from cycleqd.evaluators import build_evaluator
+    from cycleqd.state import CampaignStore
+
+    with Campaign(config, CampaignStore(root / "campaign"), build_evaluator(config)) as campaign:
+        campaign.seed()
+        campaign.evaluator.evaluate  # noqa: B018  (built; its model load is not a generation's)
+        campaign.timings.clear()
+        breeding = 0.0
+        started = time.perf_counter()
+        for _ in range(config.generations):
+            tic = time.perf_counter()
+            campaign.breed_next()
+            breeding += time.perf_counter() - tic
+            for gid in campaign.load_pending():
+                campaign.evaluate_child(gid)
+            campaign.commit_next()
+        total = time.perf_counter() - started
+        archives = campaign.archives.to_dict()
+    timings = dict(campaign.timings)
+    return {
+        "total": total,
+        "breed": breeding,
+        "materialize": timings.get("materialize_s", 0.0),
+        "evaluate": timings.get("evaluate_s", 0.0),
+        "commit": timings.get("commit_s", 0.0),
+        "models": timings.get("models", 0),
+        "archives": archives,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=Path, required=True, help="a built tiny world folder")
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--population", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=96, help="questions per skill")
+    parser.add_argument(
+        "--parallelism",
+        type=int,
+        default=1,
+        help="evaluation tasks per generation (kfp.local runs them one after the other); "
+        "the population: one task per child, as before evaluation tasks took shards",
+    )
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    config = campaign_config(args.world, args.generations, args.population, args.samples)
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="cycleqd-overhead-"))
+    print(
+        f"# generation overhead, {datetime.date.today()}, {platform.platform()}, "
+        f"{os.cpu_count()} CPUs; {args.generations} generations x {args.population} children, "
+        f"{args.samples} questions per skill, {args.parallelism} evaluation task(s) per generation"
+    )
+    work = run_in_process(config, root / "in-process")
+    per_generation = run_kfp_local(config, root / "kfp", args.parallelism)
+    from cycleqd.state import CampaignStore
+
+    kfp_archives = CampaignStore(root / "kfp" / "campaign").read_snapshot(config.generations)
+    same = kfp_archives["archives"] == work["archives"]
+    g = args.generations
+    wall = sum(per_generation) / g
+    parts = {
+        "generation + scoring (evaluator)": work["evaluate"] / g,
+        "materialisation": work["materialize"] / g,
+        "breeding": work["breed"] / g,
+        "archive update (insert, snapshot, GC)": work["commit"] / g,
+    }
+    parts["orchestration (kfp.local tasks, imports, model loads)"] = wall - sum(parts.values())
+    print("\n| part of a generation (kfp.local) | seconds | share |\n| --- | ---: | ---: |")
+    for name, seconds in parts.items():
+        print(f"| {name} | {seconds:.2f} | {seconds / wall:.1%} |")
+    print(f"| **wall per generation** | **{wall:.2f}** | 100% |")
+    overhead = 1 - parts["generation + scoring (evaluator)"] / wall
+    in_process = work["total"] / g
+    print(
+        f"\neverything but generation and scoring: {overhead:.1%} of a generation "
+        f"(target < 20%); in one process: {1 - work['evaluate'] / work['total']:.1%}"
+    )
+    print(
+        f"in-process engine: {in_process:.2f} s per generation; kfp.local / in-process = "
+        f"{wall / in_process:.2f}x; per-generation walls {[round(t, 1) for t in per_generation]}"
+    )
+    print(f"archives identical between the two runs: {same}")
+
+
+if __name__ == "__main__":
+    main()
