@@ -110,9 +110,14 @@ def test_base_training_threads_are_the_idle_cores(monkeypatch):
     from cycleqd.skills.tiny import train
 
     monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert train.build_threads() == 2
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert train.build_threads() == 1
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
-    assert train.build_threads() == 1
+    for idle, threads in ((2.0, 2), (1.9, 2), (1.6, 1), (0.3, 1), (0.0, 1)):
+        monkeypatch.setattr(train, "_idle_cores", lambda _s, idle=idle: idle)
+        assert train.build_threads() == threads, idle
+
+
+def test_idle_cores_are_measured_between_none_and_all():
+    import os
+
+    from cycleqd.skills.tiny.train import _idle_cores
+
+    assert -0.01 <= _idle_cores(0.2) <= (os.cpu_count() or 1) + 0.01

@@ -35,17 +35,35 @@ from cycleqd.skills.tiny.tasks import FAMILIES, generate, skill_templates, warmu
 log = logging.getLogger(__name__)
 
 
-def build_threads() -> int:
-    """Torch threads for training the base: the cores nobody else is using. Measured on 2
+def build_threads(sample_s: float = 1.0) -> int:
+    """Torch threads for training the base: the cores nobody else is using now. Measured on 2
     cores: idle, 2 threads train 1.7x faster than 1; with other work running, 2 threads ran
     ~4x slower than 1 (the ops are small; threads wait for each other). Weights do not depend
     on the thread count (bit-identical worlds built with 1 and 2)."""
     cores = os.cpu_count() or 1
+    idle = _idle_cores(sample_s)
+    return max(1, min(cores, int(idle + 0.25)))
+
+
+def _idle_cores(sample_s: float) -> float:
+    """Idle cores over the next `sample_s` seconds (/proc/stat; the load average, which lags
+    by a minute, where there is none)."""
+
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    cores = os.cpu_count() or 1
     try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        idle0, total0 = times()
+        time.sleep(sample_s)
+        idle1, total1 = times()
+        return cores * (idle1 - idle0) / max(1, total1 - total0)
+    except (OSError, ValueError, IndexError):
+        try:
+            return cores - os.getloadavg()[0]
+        except OSError:
+            return float(cores)
 
 
 @dataclass(frozen=True)
