@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,7 +29,14 @@ MINI = WorldConfig(
 
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory) -> dict:
-    return build_world(tmp_path_factory.mktemp("mini-world") / "world", MINI)
+    import os
+
+    parent, cwd = tmp_path_factory.mktemp("mini-world"), os.getcwd()
+    os.chdir(parent)
+    try:
+        return build_world("world", MINI)  # relative, as `cycleqd run`'s default workdir
+    finally:
+        os.chdir(cwd)
 
 
 def test_experts_trained_in_parallel_processes_equal_sequential_ones(tmp_path):
@@ -52,6 +60,7 @@ def test_experts_trained_in_parallel_processes_equal_sequential_ones(tmp_path):
 
 def test_config_names_the_tiny_world(mini_world):
     config = parse_config(tiny_campaign_config(mini_world, samples=5))
+    assert Path(config.models.base).is_absolute()  # usable from any working directory
     assert config.evaluation.world == "tiny" and config.evaluation.samples == 5
     assert config.skill_names == list(FAMILIES)
 

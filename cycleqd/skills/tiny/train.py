@@ -330,7 +330,7 @@ def build_world(
     processes at once, one torch thread each); returns
     ``{"base": folder, "experts": {family: folder}, "report": {...}}``."""
     say = on_log or (lambda text: log.info("%s", text))
-    root = Path(root)
+    root = Path(root).absolute()  # the campaign config names these folders from anywhere
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = world_tokenizer(cfg.vocab_size, cfg.seed, cfg.level)
     general = general_examples(cfg.n_warmup, cfg.n_general_skill, cfg.seed, cfg.level, cfg.families)
