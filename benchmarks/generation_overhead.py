@@ -154,7 +154,7 @@ def main() -> None:
     parts["orchestration (kfp.local tasks, imports, model loads)"] = wall - sum(parts.values())
     print("\n| part of a generation (kfp.local) | seconds | share |\n| --- | ---: | ---: |")
     for name, seconds in parts.items():
-        print(f"| {name} | {seconds:.2f} | {seconds / wall:.1%} |")
+        print(f"| {name} | {seconds:.3f} | {seconds / wall:.1%} |")
     print(f"| **wall per generation** | **{wall:.2f}** | 100% |")
     overhead = 1 - parts["generation + scoring (evaluator)"] / wall
     in_process = work["total"] / g
