@@ -13,6 +13,32 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 SHARED_DATA = Path(__file__).resolve().parent / ".." / "shared" / "data"
 
+# Helpers that live beside the tests (real servers, the deploy tests' common code). tests/ is
+# no package and pytest imports with --import-mode=importlib, so they are loaded here, once, by
+# path and registered as modules: a test file says `import cycleqd_tests_s3_server as s3`.
+TEST_HELPERS = {
+    "cycleqd_tests_s3_server": "tests/integration/s3_server.py",
+    "cycleqd_tests_mlflow_server": "tests/integration/mlflow_server.py",
+    "cycleqd_tests_deploy_common": "tests/deploy/common.py",
+}
+
+
+def _register_test_helpers() -> None:
+    import importlib.util
+    import sys
+
+    for name, relative in TEST_HELPERS.items():
+        if name not in sys.modules:
+            path = Path(__file__).resolve().parent / relative
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+
+
+_register_test_helpers()
+from cycleqd_tests_s3_server import seaweed_fixture  # noqa: E402, F401  (the `seaweed` fixture)
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:

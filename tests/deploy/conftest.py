@@ -12,25 +12,11 @@ Without kubectl the manifests are built by tests/deploy/kustomize_lite.py instea
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
+import cycleqd_tests_deploy_common as common
 import pytest
-
-
-def _load_common() -> ModuleType:
-    name = "cycleqd_tests_deploy_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
 
 
 @pytest.fixture(scope="session")

@@ -4,27 +4,15 @@ with it, passes hadolint, runs as uid 1000 and holds no secret."""
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import cycleqd_tests_deploy_common as common
 import pytest
 import yaml
 
-
-def _common():
-    name = "cycleqd_tests_deploy_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _common()
 ROOT, IMAGES = common.ROOT, common.IMAGES
 DOCKERFILES = sorted(p for p in IMAGES.glob("Dockerfile.*") if not p.name.endswith(".dockerignore"))
 RUNTIMES = ("cpu-tools", "trainer", "evaluator")  # the images pipeline components run in

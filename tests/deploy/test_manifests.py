@@ -6,27 +6,14 @@ other consistently (ConfigMap and Secret keys, Service selectors, the MLflow end
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
+import cycleqd_tests_deploy_common as common
 import pytest
 import yaml
 
-
-def _common():
-    name = "cycleqd_tests_deploy_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _common()
 MANIFESTS = common.MANIFESTS
 KUSTOMIZATIONS = common.kustomization_dirs()
 OVERLAYS = common.overlay_dirs()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -25,23 +24,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
+import cycleqd_tests_deploy_common as common
+import cycleqd_tests_mlflow_server as mlflow_server
+import cycleqd_tests_s3_server as s3_server
 import pytest
 
-
-def _common():
-    name = "cycleqd_tests_deploy_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _common()
-INTEGRATION = common.ROOT / "tests" / "integration"
 SERVICE_HOST = "cycleqd-mlflow.kubeflow.svc.cluster.local:5000"
 
 pytestmark = pytest.mark.slow
@@ -81,10 +69,6 @@ def _expand(arg: str, env: dict[str, str]) -> str:
 
 
 def test_mlflow_container_serves_with_postgres_and_s3(builds, tmp_path):
-    s3_server = common.load_module("cycleqd_tests_s3_server", INTEGRATION / "s3_server.py")
-    mlflow_server = common.load_module(
-        "cycleqd_tests_mlflow_server", INTEGRATION / "mlflow_server.py"
-    )
     weed = s3_server.find_weed()
     if weed is None:
         pytest.skip(f"SeaweedFS `weed` binary not found: {s3_server.INSTALL_HINT}")

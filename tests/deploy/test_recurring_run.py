@@ -3,27 +3,14 @@ service account) is what the kfp client is asked for, with the compiled pipeline
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
+import cycleqd_tests_deploy_common as common
 import pytest
 import yaml
 
-
-def _common():
-    name = "cycleqd_tests_deploy_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("common.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _common()
 EXAMPLES = common.MANIFESTS / "examples"
 SPEC = EXAMPLES / "recurring-run.yaml"
 

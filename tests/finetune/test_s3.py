@@ -3,10 +3,7 @@ and its factors all in a bucket."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +17,6 @@ from cycleqd.finetune import (
     run_finetune,
 )
 from cycleqd.objectstore import RemoteSafetensors, copy_folder_to_store, open_store, read_manifest
-
-
-def _load_s3_helper():
-    name = "cycleqd_tests_s3_server"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "integration" / "s3_server.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-seaweed_fixture = _load_s3_helper().seaweed_fixture
 
 
 @pytest.fixture

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -16,21 +13,6 @@ from cycleqd.config import parse_config
 from cycleqd.errors import CycleQDError
 from cycleqd.objectstore import RemoteSafetensors, S3ObjectStore
 from cycleqd.state import CampaignLockedError, CampaignStore
-
-
-def _load_s3_helper():
-    name = "cycleqd_tests_s3_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("s3_server.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-seaweed_fixture = _load_s3_helper().seaweed_fixture
 
 
 def _campaign(world, evaluator, store, **overrides) -> Campaign:

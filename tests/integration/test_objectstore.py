@@ -8,11 +8,9 @@ multipart upload of a model published with publish_model.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -41,23 +39,6 @@ from cycleqd.objectstore import (
     read_manifest,
 )
 from cycleqd.weights import MANIFEST, SafetensorsFolder
-
-
-def _load_helper():
-    # pytest runs with --import-mode=importlib and tests/ is no package: load the sibling file.
-    name = "cycleqd_tests_s3_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("s3_server.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-s3_server = _load_helper()
-seaweed_fixture = s3_server.seaweed_fixture  # the session-scoped `seaweed` fixture
 
 MiB = 1 << 20
 

@@ -3,7 +3,6 @@ real MLflow server; and a local run killed mid-campaign that resumes without los
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -11,8 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
+import cycleqd_tests_mlflow_server as mlflow_server
 import pytest
 import yaml
 
@@ -23,23 +22,6 @@ from cycleqd.objectstore import S3ObjectStore
 from cycleqd.state import CampaignStore
 
 pytestmark = pytest.mark.slow
-
-
-def _load(name: str):
-    module_name = f"cycleqd_tests_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            module_name, Path(__file__).with_name(f"{name}.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-s3_server = _load("s3_server")
-mlflow_server = _load("mlflow_server")
-seaweed_fixture = s3_server.seaweed_fixture
 
 
 @pytest.fixture

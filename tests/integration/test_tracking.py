@@ -10,11 +10,10 @@ campaign's genome book.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
+import cycleqd_tests_mlflow_server as mlflow_server
 import mlflow
 import numpy as np
 import pytest
@@ -27,21 +26,6 @@ from cycleqd.config import parse_config
 from cycleqd.elite_maps import MapData, maps_of, project_2d, write_elite_maps
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, flatten
-
-
-def _load_helper(name: str, filename: str):
-    # pytest runs with --import-mode=importlib and tests/ is no package: load sibling files.
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-s3_server = _load_helper("cycleqd_tests_s3_server", "s3_server.py")
-mlflow_server = _load_helper("cycleqd_tests_mlflow_server", "mlflow_server.py")
-seaweed_fixture = s3_server.seaweed_fixture  # the session-scoped `seaweed` fixture
 
 SKILLS = list(tiny.SKILLS)
 DATASETS = {

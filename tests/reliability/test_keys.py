@@ -5,9 +5,7 @@ stays inside the prefix; nothing outside is ever written or read."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,20 +24,6 @@ from cycleqd.objectstore import (
     open_store,
 )
 from cycleqd.state import CampaignStore
-
-
-def _load_s3_helper():
-    name = "cycleqd_tests_s3_server"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "integration" / "s3_server.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-seaweed_fixture = _load_s3_helper().seaweed_fixture
 
 SECRET = b"outside-the-prefix-do-not-read"
 HOSTILE = [

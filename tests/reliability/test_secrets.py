@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import json
 import logging
 import os
@@ -27,31 +26,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
+import cycleqd_tests_mlflow_server as mlflow_server
+import cycleqd_tests_s3_server as s3_server
 import pytest
 import yaml
 
 from cycleqd import steps, tiny
 from cycleqd.redact import MASK, RedactingFilter, redact_text, redact_uri, register_secret
 
-HERE = Path(__file__).resolve().parent
 SECTION = "Secrets"
 
-
-def _load(name: str):
-    # tests/ is no package (pytest --import-mode=importlib): load the helpers by file path.
-    module_name = f"cycleqd_tests_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            module_name, HERE.parent / "integration" / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-s3_server = _load("s3_server")
-mlflow_server = _load("mlflow_server")
 
 # Sentinels: unique per session, recognisable ("SENTINEL"), long enough to be masked.
 _RUN = uuid.uuid4().hex[:8].upper()

@@ -9,16 +9,16 @@ here the faults hit a whole campaign, and the result is compared with a run with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import cycleqd_tests_mlflow_server as mlflow_server
+import cycleqd_tests_s3_server as s3_server
 import pytest
 import yaml
 
@@ -35,23 +35,7 @@ from cycleqd.objectstore import (
 )
 from cycleqd.state import CampaignStore
 
-INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
 SECTION = "Service faults"
-
-
-def _load_helper(name: str, filename: str):
-    # pytest runs with --import-mode=importlib and tests/ is no package: load by file path.
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, INTEGRATION / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-s3_server = _load_helper("cycleqd_tests_s3_server", "s3_server.py")
-mlflow_server = _load_helper("cycleqd_tests_mlflow_server", "mlflow_server.py")
-seaweed_fixture = s3_server.seaweed_fixture  # the session-scoped `seaweed` fixture
 
 
 def _config_text(world: dict, generations: int = 3, **overrides) -> str:

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -441,22 +440,6 @@ def test_default_sources_are_pinned():
 
 
 # -- S3 ------------------------------------------------------------------------------------------
-
-
-def _load_s3_helper():
-    # pytest runs with --import-mode=importlib and tests/ is no package: load it by path.
-    name = "cycleqd_tests_s3_server"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "integration" / "s3_server.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-s3_server = _load_s3_helper()
-seaweed_fixture = s3_server.seaweed_fixture  # the session-scoped `seaweed` fixture
 
 
 def test_fetch_into_s3(sources, seaweed, monkeypatch, capsys):
