@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cycleqd import merge_kernel
 from cycleqd.errors import GenomeError, NonFiniteWeightsError
 from cycleqd.genome import GenomeBook, LinearForm
 from cycleqd.operators import gaussian_noise, is_svd_target, svd_rescale, uniform_factors
@@ -171,13 +172,13 @@ class Materializer:
     ) -> torch.Tensor:
         """base + sum_e a_e (x_e - base) + sum_e U_e diag(b_e S_e) V_e^T (+ noise), in float32.
 
-        Block by block (whole rows) over the tensor, reading the sources' stored dtype straight
-        from their memory maps: a block's float32 inputs and result stay in cache, so each
-        weight is read from memory once and written once, instead of once per elementwise pass
-        over whole tensors. The merge's per-element arithmetic is the whole-tensor one (x_e
-        and base upcast exactly, subtract, scale-add, experts in sorted order); the SVD terms
-        are added to each block of rows. With `out_dtype` the result is checked finite and
-        cast in the same pass, unless noise terms (generated per whole tensor) follow.
+        Reads the sources' stored dtype straight from their memory maps, so each weight is read
+        from memory once and written once. On the CPU the merge is one fused pass
+        (`merge_kernel`), with the SVD terms added per block of rows; elsewhere (GPU, float16,
+        no numba) torch ops go block by block. Both do the whole-tensor per-element arithmetic
+        (x_e and base upcast exactly, subtract, fused scale-add, experts in sorted order), so
+        they give the same bits. With `out_dtype` the result is checked finite and cast in the
+        same pass, unless noise terms (drawn per whole tensor) follow.
         """
         raw_base = self._source(self.base_id, sources).get(name)
         if not raw_base.is_floating_point():
@@ -194,50 +195,32 @@ class Materializer:
         block = numel
         if on_cpu and numel:  # whole rows, so that the SVD terms can be added per block
             block = min(numel, max(cols, BLOCK_ELEMENTS // cols * cols))
+        # Straight into the output dtype, unless noise terms (drawn per whole tensor) follow.
         final = out_dtype is not None and not form.noise_terms
-        f32 = {"dtype": torch.float32, "device": self.device}
-        out32 = torch.empty(shape if not final else (0,), **f32)
-        result = torch.empty(shape, dtype=out_dtype, device=self.device) if final else out32
+        dtype = out_dtype if final else torch.float32
+        result = torch.empty(shape, dtype=dtype, device=self.device)
         if numel:
-            base32, scratch = torch.empty(block, **f32), torch.empty(block, **f32)
-            acc = torch.empty(block, **f32) if final else None
-            flat_base = raw_base.reshape(-1)
+            flat_base, flat_result = raw_base.reshape(-1), result.reshape(-1)
             flats = [r.reshape(-1) for r in raws]
-            flat_result = result.reshape(-1)
-            for start in range(0, numel, block):
-                stop = min(start + block, numel)
-                n = stop - start
-                b, s = base32[:n], scratch[:n]
-                o = acc[:n] if final else flat_result[start:stop]
-                b.copy_(flat_base[start:stop])
-                if not experts:
-                    o.copy_(b)
-                for i, (expert, flat) in enumerate(zip(experts, flats, strict=True)):
-                    if flat.dtype == torch.float32:
-                        torch.sub(flat[start:stop], b, out=s)
-                    else:  # upcast, then subtract in float32: a mixed-dtype sub is ~2x slower
-                        s.copy_(flat[start:stop])
-                        s.sub_(b)
-                    # o = b + a*s for the first expert: what copying b into o, then adding, gives
-                    if i == 0:
-                        torch.add(b, s, alpha=form.coeffs[expert], out=o)
-                    else:
-                        o.add_(s, alpha=form.coeffs[expert])
-                if low_rank:
-                    rows = o.view(n // cols, cols)
-                    for us, vh in low_rank:
-                        rows.addmm_(us[start // cols : stop // cols], vh)
-                if final:
-                    _check_finite(o, genome_id, name)
-                    flat_result[start:stop].copy_(o)
+            fused = (
+                on_cpu
+                and experts
+                and len({r.dtype for r in raws}) == 1
+                and merge_kernel.supports(raw_base.dtype, dtype, raws[0].dtype)
+                and merge_kernel.available()
+            )
+            merge = _merge_fused if fused else _merge_torch
+            coeffs = [form.coeffs[e] for e in experts]
+            if not merge(flat_base, flats, coeffs, low_rank, cols, block, flat_result, final):
+                raise _non_finite(genome_id, name)
         if final:
             return result
         for seed, sigma, coeff in form.noise_terms:
-            out32.add_(gaussian_noise(name, shape, seed, sigma, self.device), alpha=coeff)
+            result.add_(gaussian_noise(name, shape, seed, sigma, self.device), alpha=coeff)
         if out_dtype is None:
-            return out32
-        _check_finite(out32, genome_id, name)
-        return out32.to(out_dtype)
+            return result
+        _check_finite(result, genome_id, name)
+        return result.to(out_dtype)
 
     def _scaled_svd_terms(
         self, form: LinearForm, name: str, like: torch.Tensor, sources: Sources
@@ -311,11 +294,94 @@ class Materializer:
         return factors
 
 
-def _check_finite(tensor: torch.Tensor, genome_id: str, name: str) -> None:
+def _merge_fused(
+    flat_base: torch.Tensor,
+    flats: list[torch.Tensor],
+    coeffs: list[float],
+    low_rank: list[tuple[torch.Tensor, torch.Tensor]],
+    cols: int,
+    block: int,
+    flat_result: torch.Tensor,
+    final: bool,
+) -> bool:
+    """The merge in one fused pass (`merge_kernel`); SVD terms added per block of rows
+    between the merge and the cast. Returns False when the result is not finite (checked
+    only when `final`)."""
+    if not low_rank:
+        return merge_kernel.merge(flat_base, flats, coeffs, flat_result) or not final
+    acc = torch.empty(block) if final else None
+    for start in range(0, flat_base.numel(), block):
+        stop = min(start + block, flat_base.numel())
+        out = acc[: stop - start] if final else flat_result[start:stop]
+        merge_kernel.merge(flat_base[start:stop], [f[start:stop] for f in flats], coeffs, out)
+        rows = out.view(-1, cols)
+        for us, vh in low_rank:
+            rows.addmm_(us[start // cols : stop // cols], vh)
+        if final and not merge_kernel.finish(out, flat_result[start:stop]):
+            return False
+    return True
+
+
+def _merge_torch(
+    flat_base: torch.Tensor,
+    flats: list[torch.Tensor],
+    coeffs: list[float],
+    low_rank: list[tuple[torch.Tensor, torch.Tensor]],
+    cols: int,
+    block: int,
+    flat_result: torch.Tensor,
+    final: bool,
+) -> bool:
+    """The same merge with torch ops, block by block (GPU, float16, no numba): a block's
+    float32 inputs and result stay in cache across the ~8 elementwise passes."""
+    numel = flat_base.numel()
+    f32 = {"dtype": torch.float32, "device": flat_base.device}
+    base32, scratch = torch.empty(block, **f32), torch.empty(block, **f32)
+    acc = torch.empty(block, **f32) if final else None
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        n = stop - start
+        b, s = base32[:n], scratch[:n]
+        o = acc[:n] if final else flat_result[start:stop]
+        b.copy_(flat_base[start:stop])
+        if not flats:
+            o.copy_(b)
+        for i, (flat, coeff) in enumerate(zip(flats, coeffs, strict=True)):
+            if flat.dtype == torch.float32:
+                torch.sub(flat[start:stop], b, out=s)
+            else:  # upcast, then subtract in float32: a mixed-dtype sub is ~2x slower
+                s.copy_(flat[start:stop])
+                s.sub_(b)
+            # o = b + a*s for the first expert: what copying b into o, then adding, gives
+            if i == 0:
+                torch.add(b, s, alpha=coeff, out=o)
+            else:
+                o.add_(s, alpha=coeff)
+        if low_rank:
+            rows = o.view(n // cols, cols)
+            for us, vh in low_rank:
+                rows.addmm_(us[start // cols : stop // cols], vh)
+        if final:
+            flat_result[start:stop].copy_(o)
+            # Checked after the cast: a float32 above bfloat16's largest value rounds to Inf.
+            if not _is_finite(flat_result[start:stop]):
+                return False
+    return True
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
     # A sum is finite iff every element is (barring overflow, re-checked exactly); it avoids
     # a full boolean tensor per weight.
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-        raise NonFiniteWeightsError(
-            f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is rejected and "
-            "will not be archived"
-        )
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _non_finite(genome_id: str, name: str) -> NonFiniteWeightsError:
+    return NonFiniteWeightsError(
+        f"genome {genome_id}: tensor {name!r} holds NaN or Inf; the model is rejected and "
+        "will not be archived"
+    )
+
+
+def _check_finite(tensor: torch.Tensor, genome_id: str, name: str) -> None:
+    if not _is_finite(tensor):
+        raise _non_finite(genome_id, name)

@@ -1,0 +1,138 @@
+"""The fused CPU merge gives the torch path's bits, catches non-finite results, and the
+Materializer uses it (or not) without changing a single weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cycleqd import merge_kernel
+from cycleqd.errors import NonFiniteWeightsError
+from cycleqd.genome import Genome, GenomeBook, Mutation
+from cycleqd.materialize import Materializer
+from cycleqd.weights import SafetensorsFolder
+
+pytestmark = pytest.mark.skipif(
+    not merge_kernel.available(), reason="numba is not installed: pip install -e ."
+)
+
+
+def _torch_merge(base, experts, coeffs, out_dtype):
+    """The reference: the torch ops of the block-wise path, on whole tensors."""
+    b = base.float()
+    out = torch.add(b, experts[0].float() - b, alpha=coeffs[0])
+    for x, a in zip(experts[1:], coeffs[1:], strict=True):
+        out.add_(x.float() - b, alpha=a)
+    return out.to(out_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_bit_identical_to_torch(dtype, out_dtype, count):
+    g = torch.Generator().manual_seed(count)
+    n = 100_003  # not a multiple of any vector width: the tail is covered too
+    base = torch.randn(n, generator=g).to(dtype)
+    experts = [(base.float() + 0.02 * torch.randn(n, generator=g)).to(dtype) for _ in range(count)]
+    coeffs = [0.6, -0.35, 1.7][:count]  # one that float32 cannot hold exactly, one negative
+    out = torch.empty(n, dtype=out_dtype)
+    assert merge_kernel.merge(base, experts, coeffs, out)
+    expected = _torch_merge(base, experts, coeffs, out_dtype)
+    assert torch.equal(out, expected), f"{(out != expected).sum()} of {n} elements differ"
+
+
+def test_finish_rounds_like_torch():
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(4099, generator=g) * torch.logspace(-30, 30, 4099)
+    out = torch.empty(4099, dtype=torch.bfloat16)
+    assert merge_kernel.finish(acc, out)
+    assert torch.equal(out, acc.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("poison", "coeff"),
+    [
+        (float("nan"), 0.5),  # NaN in an expert
+        (float("inf"), 0.5),  # Inf in an expert
+        (3.4e38, 1.0),  # finite in float32, rounds to Inf in bfloat16
+        (10.0, 1e38),  # overflows in the arithmetic
+    ],
+)
+def test_non_finite_results_are_reported(poison, coeff):
+    base = torch.zeros(5000)
+    expert = torch.zeros(5000)
+    expert[4321] = poison
+    out = torch.empty(5000, dtype=torch.bfloat16)
+    assert not merge_kernel.merge(base, [expert], [coeff], out)
+    assert merge_kernel.merge(base, [torch.zeros(5000)], [coeff], out)
+
+
+def test_rejects_what_it_cannot_take():
+    base = torch.zeros(8)
+    with pytest.raises(ValueError, match="at least one expert"):
+        merge_kernel.merge(base, [], [], torch.empty(8))
+    with pytest.raises(ValueError, match="one dtype"):
+        merge_kernel.merge(base, [base, base.bfloat16()], [0.5, 0.5], torch.empty(8))
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        merge_kernel.merge(torch.zeros(8, 2).t()[0], [base], [1.0], torch.empty(8))
+    assert not merge_kernel.supports(torch.float16)
+
+
+@pytest.fixture(scope="module")
+def worlds(tiny_world, tmp_path_factory):
+    """The tiny world's base and experts in float32 (as built) and in bfloat16."""
+    bf16 = tmp_path_factory.mktemp("bf16-world")
+    folders = {"base": tiny_world["base"], **tiny_world["experts"]}
+    converted = {}
+    for key, folder in folders.items():
+        tensors = load_file(f"{folder}/model.safetensors")
+        (bf16 / key).mkdir()
+        save_file(
+            {k: v.to(torch.bfloat16) for k, v in tensors.items()}, bf16 / key / "model.safetensors"
+        )
+        converted[key] = str(bf16 / key)
+    return {"float32": folders, "bfloat16": converted}
+
+
+def _book(folders):
+    book = GenomeBook()
+    opened = {book.add(Genome(kind="base", source=folders["base"])): folders["base"]}
+    experts = []
+    for skill, folder in folders.items():
+        if skill != "base":
+            gid = book.add(Genome(kind="expert", source=folder, skill=skill))
+            opened[gid] = folder
+            experts.append(gid)
+    return book, {g: SafetensorsFolder(f) for g, f in opened.items()}, experts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_materializer_fused_equals_torch_path(worlds, dtype, monkeypatch):
+    book, opened, (e1, e2, e3) = _book(worlds[dtype])
+    first = book.add(Genome("child", (e1, e2), (0.55, 0.45), Mutation("svd_expert", 3, 0.3, e1)))
+    children = [
+        book.add(Genome("child", (e1, e3), (0.3, 0.7))),
+        first,
+        book.add(Genome("child", (first, e3), (0.6, 0.4), Mutation("gaussian", 4, 1e-3))),
+    ]
+    for out_dtype in ("float32", "bfloat16"):
+        fused = Materializer(book, opened.get, dtype=out_dtype)
+        got = {g: dict(fused.tensors(g)) for g in children}
+        with monkeypatch.context() as patch:
+            patch.setattr(merge_kernel, "available", lambda: False)
+            plain = Materializer(book, opened.get, dtype=out_dtype)
+            want = {g: dict(plain.tensors(g)) for g in children}
+        for g in children:
+            for name, tensor in want[g].items():
+                assert torch.equal(got[g][name], tensor), (dtype, out_dtype, g, name)
+        # tensor() (float32, unchecked) is the same arithmetic as tensors()
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(fused.tensor(first, name).to(got[first][name].dtype), got[first][name])
+
+
+def test_materializer_rejects_non_finite_child(worlds):
+    book, opened, (e1, e2, _) = _book(worlds["bfloat16"])
+    child = book.add(Genome("child", (e1, e2), (1e39, -1e39)))  # inf in float32
+    with pytest.raises(NonFiniteWeightsError, match="NaN or Inf"):
+        dict(Materializer(book, opened.get, dtype="bfloat16").tensors(child))
