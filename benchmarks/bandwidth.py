@@ -9,8 +9,10 @@
 3. Per size, in a fresh process, children of expert 1 and expert 2 built by
    `cycleqd.materialize.Materializer`:
    - no mutation (crossover only) -> copied into a model allocated once (what an evaluator
-     does), and -> a safetensors file (`write_safetensors`, sha256 included);
-   - svd_expert with the stored low-rank factors -> model;
+     does), -> written in place into that model (`tensors(gid, into=model)`: what an
+     evaluator that hands over its weights gets), and -> a safetensors file
+     (`write_safetensors`, sha256 included);
+   - svd_expert with the stored low-rank factors -> model, copied or in place;
    - svd_expert with full-rank factors computed once and cached in memory -> model (sizes up
      to ~100M only: a dense k x k-rank GEMM per matrix, compute-bound, not bandwidth-bound).
 
@@ -252,6 +254,10 @@ def measure_size(
         for name, tensor in materializer.tensors(gid):
             model[name].copy_(tensor)
 
+    def in_place(gid: str) -> None:  # what an evaluator that offers its weights does
+        for name, tensor in materializer.tensors(gid, into=model):
+            model[name].copy_(tensor)  # free: the same memory
+
     def into_file(gid: str) -> None:
         write_safetensors(workdir / "out.safetensors", out_specs, materializer.tensors(gid))
 
@@ -284,6 +290,15 @@ def measure_size(
     )
     if impl:  # the older version: the two evaluator rows only
         return rows
+    in_bytes = read_inputs + out_bytes
+    run("no mutation → model, in place", Mutation("none"), in_place, in_bytes, repeat)
+    run(
+        f"svd_expert, stored rank-{rank} factors → model, in place",
+        Mutation("svd_expert", 0, RATE, e1),
+        in_place,
+        read_inputs + factor_bytes + out_bytes,
+        repeat,
+    )
     run("no mutation → file (sha256)", Mutation("none"), into_file, read_inputs + out_bytes, repeat)
     (workdir / "out.safetensors").unlink(missing_ok=True)
     if size.tag != "1B":

@@ -8,7 +8,7 @@ consumer decides where each tensor goes (a model in memory, a streamed safetenso
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -72,16 +72,25 @@ class Materializer:
             for name, spec in self.base.specs().items()
         }
 
-    def tensors(self, genome_id: str) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(
+        self, genome_id: str, into: Mapping[str, torch.Tensor] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for every tensor of the genome, in the output dtype, checked
-        finite."""
+        finite.
+
+        `into` (a warm model's state dict, say): where it has a tensor of the same name,
+        shape, dtype and device, contiguous, a compact genome's tensor is written straight
+        into it and that tensor is yielded, so the consumer's `copy_` into its model is free
+        and no output is allocated. A rejected (non-finite) genome leaves `into` half written.
+        """
         sources: Sources = {}  # resolved once per model, not once per tensor (S3: a HEAD each)
         form = self.book.linear_form(genome_id)
         compact = form is not None and self._source(genome_id, sources) is None
         for name in self.base.names():
             if compact:
                 # Cast and checked block by block, straight into the output dtype.
-                yield name, self._linear(form, name, sources, self.dtype, genome_id)
+                out = into.get(name) if into is not None else None
+                yield name, self._linear(form, name, sources, self.dtype, genome_id, out)
                 continue
             tensor = self._tensor(genome_id, name, {}, sources)
             if tensor.is_floating_point():
@@ -169,6 +178,7 @@ class Materializer:
         sources: Sources,
         out_dtype: torch.dtype | None,
         genome_id: str,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """base + sum_e a_e (x_e - base) + sum_e U_e diag(b_e S_e) V_e^T (+ noise), in float32.
 
@@ -178,7 +188,8 @@ class Materializer:
         no numba) torch ops go block by block. Both do the whole-tensor per-element arithmetic
         (x_e and base upcast exactly, subtract, fused scale-add, experts in sorted order), so
         they give the same bits. With `out_dtype` the result is checked finite and cast in the
-        same pass, unless noise terms (drawn per whole tensor) follow.
+        same pass, unless noise terms (drawn per whole tensor) follow; then into `out` when
+        it fits (see `tensors`).
         """
         raw_base = self._source(self.base_id, sources).get(name)
         if not raw_base.is_floating_point():
@@ -198,7 +209,15 @@ class Materializer:
         # Straight into the output dtype, unless noise terms (drawn per whole tensor) follow.
         final = out_dtype is not None and not form.noise_terms
         dtype = out_dtype if final else torch.float32
-        result = torch.empty(shape, dtype=dtype, device=self.device)
+        writable = (
+            out is not None
+            and final
+            and out.shape == shape
+            and out.dtype == dtype
+            and out.device == self.device
+            and out.is_contiguous()
+        )
+        result = out if writable else torch.empty(shape, dtype=dtype, device=self.device)
         if numel:
             flat_base, flat_result = raw_base.reshape(-1), result.reshape(-1)
             flats = [r.reshape(-1) for r in raws]

@@ -136,3 +136,19 @@ def test_materializer_rejects_non_finite_child(worlds):
     child = book.add(Genome("child", (e1, e2), (1e39, -1e39)))  # inf in float32
     with pytest.raises(NonFiniteWeightsError, match="NaN or Inf"):
         dict(Materializer(book, opened.get, dtype="bfloat16").tensors(child))
+
+
+def test_materializer_writes_into_matching_buffers(worlds):
+    book, opened, (e1, e2, _) = _book(worlds["bfloat16"])
+    child = book.add(Genome("child", (e1, e2), (0.3, 0.7), Mutation("svd_expert", 1, 0.3, e2)))
+    materializer = Materializer(book, opened.get, dtype="bfloat16")
+    allocated = dict(materializer.tensors(child))
+    buffers = {name: torch.zeros_like(t) for name, t in allocated.items()}
+    odd = "model.norm.weight"
+    buffers[odd] = torch.zeros(allocated[odd].shape, dtype=torch.float32)  # wrong dtype
+    untouched = buffers[odd].clone()
+    for name, tensor in materializer.tensors(child, into=buffers):
+        assert torch.equal(tensor, allocated[name]), name
+        same = tensor.data_ptr() == buffers[name].data_ptr()
+        assert same == (name != odd), name  # written in place unless the buffer cannot take it
+    assert torch.equal(buffers[odd], untouched)
