@@ -45,12 +45,14 @@ def test_experts_trained_in_parallel_processes_equal_sequential_ones(tmp_path):
     from cycleqd.skills.tiny.train import state_of
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each worker process does
+    # One thread for everything, as each worker process uses: torch's reductions split by
+    # thread, so a base trained on 2 threads differs from one trained on 1.
+    torch.set_num_threads(1)
     try:
         sequential = build_world(tmp_path / "sequential", MINI)
+        parallel = build_world(tmp_path / "parallel", MINI, workers=2)
     finally:
         torch.set_num_threads(saved)
-    parallel = build_world(tmp_path / "parallel", MINI, workers=2)
     for family in FAMILIES:
         a = state_of(sequential["experts"][family])
         b = state_of(parallel["experts"][family])

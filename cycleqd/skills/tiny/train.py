@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 def build_threads(sample_s: float = 1.0) -> int:
     """Torch threads for training the base: the cores nobody else is using now. Measured on 2
     cores: idle, 2 threads train 1.7x faster than 1; with other work running, 2 threads ran
-    ~4x slower than 1 (the ops are small; threads wait for each other). Weights do not depend
-    on the thread count (bit-identical worlds built with 1 and 2)."""
+    ~4x slower than 1 (the ops are small; threads wait for each other). The weights depend on
+    the thread count (torch splits reductions by thread), so a world is built once per
+    workdir and reused; the count used is in world.json's report."""
     cores = os.cpu_count() or 1
     idle = _idle_cores(sample_s)
     return max(1, min(cores, int(idle + 0.25)))
@@ -345,7 +346,7 @@ def build_world(
     stats = train(model, tokenizer, general, cfg.base, on_log=progress("base"))
     base = save_model(model, tokenizer, root / "base")
     say(f"base: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> {stats.last_loss:.3f}")
-    report["base"] = asdict(stats)
+    report["base"] = {**asdict(stats), "threads": torch.get_num_threads()}  # weights depend on it
     jobs = [(str(root), str(base), family, i, cfg) for i, family in enumerate(cfg.families)]
     if workers > 1:
         # One process per expert, one torch thread each: on a small machine this beats one
