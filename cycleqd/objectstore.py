@@ -20,6 +20,7 @@ or `open_store("/path")`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,13 +33,15 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
-
-import torch
 
 from cycleqd.errors import CycleQDError, MissingTensorError
 from cycleqd.redact import install_log_redaction, redact_text, redact_uri, register_secret
-from cycleqd.weights import _CODE_DTYPES, MANIFEST, TensorSpec, sha256_file
+from cycleqd.weights import MANIFEST, TensorSpec, code_dtypes, sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 SECRET_DIR_ENV = "CYCLEQD_S3_SECRET_DIR"
 ENDPOINT_ENVS = ("CYCLEQD_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -943,18 +946,27 @@ def model_is_complete(store: ObjectStore, prefix: str) -> bool:
 
 # -- safetensors read with ranged GETs -----------------------------------------------------------
 
-_REMOTE_DTYPES = dict(_CODE_DTYPES)
-for _code, _attr in (
-    ("I8", "int8"),
-    ("I16", "int16"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-):
-    if hasattr(torch, _attr):
-        _REMOTE_DTYPES.setdefault(_code, getattr(torch, _attr))
+
+@functools.cache
+def _remote_dtypes() -> dict[str, torch.dtype]:
+    """Every safetensors dtype code this torch can read (imports torch)."""
+    import torch
+
+    dtypes = dict(code_dtypes())
+    for code, attr in (
+        ("I8", "int8"),
+        ("I16", "int16"),
+        ("U16", "uint16"),
+        ("U32", "uint32"),
+        ("U64", "uint64"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+    ):
+        if hasattr(torch, attr):
+            dtypes.setdefault(code, getattr(torch, attr))
+    return dtypes
+
+
 _MAX_HEADER = 100 * MiB  # the safetensors format's own limit
 
 
@@ -1017,7 +1029,7 @@ class RemoteSafetensors:
                 if name == "__metadata__":
                     self._metadata[file] = {str(k): str(v) for k, v in dict(info or {}).items()}
                     continue
-                dtype = _REMOTE_DTYPES.get(info["dtype"])
+                dtype = _remote_dtypes().get(info["dtype"])
                 if dtype is None:
                     raise MissingTensorError(f"{where}: tensor {name!r} has unsupported dtype")
                 spec = TensorSpec(tuple(info["shape"]), dtype)
@@ -1036,6 +1048,9 @@ class RemoteSafetensors:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: spec.shape for name, spec in self._specs.items()}
+
     def specs(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
 
@@ -1051,6 +1066,8 @@ class RemoteSafetensors:
             raise MissingTensorError(f"{self.folder}: tensor {name!r} is missing")
         file, begin, end = where
         spec = self._specs[name]
+        import torch
+
         if begin == end:
             return torch.empty(spec.shape, dtype=spec.dtype)
         data = self.store.get_range(file, begin, end)

@@ -4,14 +4,19 @@ Random draws that shape a genome (merge weights, mutation seeds) use numpy Gener
 by the engine. Random draws inside a tensor (SVD scale factors, Gaussian noise) come from a
 torch Generator seeded by (mutation seed, tensor name), so any process can rebuild the same
 weights from the recipe alone, tensor by tensor, in any order.
+
+torch is imported by the tensor operators only: breeding (crossover weights) runs without it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def crossover_weights(
@@ -33,6 +38,8 @@ def aggregation_weights(qualities: np.ndarray) -> np.ndarray:
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator that depends only on the seed and the tensor's name."""
+    import torch
+
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -44,6 +51,8 @@ def is_svd_target(name: str, tensor: torch.Tensor) -> bool:
 
 def uniform_factors(seed: int, name: str, rank: int, high: float) -> torch.Tensor:
     """r ~ U[0, high) per singular value, regenerable from (seed, name)."""
+    import torch
+
     return torch.rand(rank, generator=tensor_generator(seed, name), dtype=torch.float32) * high
 
 
@@ -52,6 +61,8 @@ def svd_rescale(task_vector: torch.Tensor, name: str, seed: int, w_max: float) -
     U diag(r * S) V^T with r ~ U[0, w_max]; non-matrices are returned unchanged."""
     if not is_svd_target(name, task_vector):
         return task_vector
+    import torch
+
     u, s, vh = torch.linalg.svd(task_vector.float(), full_matrices=False)
     r = uniform_factors(seed, name, s.numel(), w_max).to(s.device)
     return (u * (s * r)) @ vh
@@ -60,5 +71,7 @@ def svd_rescale(task_vector: torch.Tensor, name: str, seed: int, w_max: float) -
 def gaussian_noise(
     name: str, shape: torch.Size, seed: int, sigma: float, device: torch.device
 ) -> torch.Tensor:
+    import torch
+
     noise = torch.randn(tuple(shape), generator=tensor_generator(seed, name), dtype=torch.float32)
     return (noise * sigma).to(device)

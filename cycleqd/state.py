@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from cycleqd.errors import ConfigError, CycleQDError, GenomeError
@@ -55,6 +55,9 @@ from cycleqd.weights import (
     sha256_file,
     write_safetensors,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 AREAS = ("models", "exports")
 SNAPSHOTS_KEPT = 20  # the latest snapshots kept (see CampaignStore.prune_snapshots)

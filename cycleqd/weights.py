@@ -3,10 +3,15 @@
 Reading goes through `safe_open` (memory-mapped, one tensor per call); writing streams each
 tensor's bytes after a header computed up front, so neither side ever holds a whole state
 dict. A folder is complete only once `cycleqd-manifest.json` exists: it is written last.
+
+torch and safetensors are imported where tensors are read or written, not with this module:
+the pipeline's CPU tasks (breed, commit) open the model folders only to check that they
+match (headers and config.json), and a task that never imports torch starts ~1 s sooner.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -14,28 +19,37 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from cycleqd.errors import MissingTensorError, ModelMismatchError
 from cycleqd.redact import redact_text
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "cycleqd-manifest.json"
 # Where fine-tuning leaves an expert's task-vector SVD factors, beside its weights.
 FACTORS_FILE = "task_vector/factors.safetensors"
 
-_DTYPE_CODES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
+# The safetensors dtype codes read and written here: code -> (torch attribute, bytes per item).
+_CODES = {
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
 }
-_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+@functools.cache
+def code_dtypes() -> dict[str, torch.dtype]:
+    """Safetensors dtype code -> torch dtype (imports torch)."""
+    import torch
+
+    return {code: getattr(torch, attr) for code, (attr, _) in _CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -45,15 +59,16 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit
 
 
-def _read_header(path: Path) -> dict[str, TensorSpec]:
-    """The tensors of a safetensors file by name; MissingTensorError naming the file when it
-    is not one (truncated, corrupted header, unknown dtype, offsets past its end)."""
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors of a safetensors file by name, as (shape, dtype code); MissingTensorError
+    naming the file when it is not one (truncated, corrupted header, unknown dtype, offsets
+    past its end)."""
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -71,13 +86,14 @@ def _read_header(path: Path) -> dict[str, TensorSpec]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            spec = TensorSpec(tuple(info["shape"]), _CODE_DTYPES[info["dtype"]])
+            shape, code = tuple(info["shape"]), info["dtype"]
+            itemsize = _CODES[code][1]
             begin, stop = info["data_offsets"]
-            if not all(type(d) is int and d >= 0 for d in (*spec.shape, begin, stop)):
+            if not all(type(d) is int and d >= 0 for d in (*shape, begin, stop)):
                 raise ValueError(f"tensor {name!r} has a bad shape or offsets")
-            if stop - begin != spec.nbytes or 8 + size + stop > end:
+            if stop - begin != math.prod(shape) * itemsize or 8 + size + stop > end:
                 raise ValueError(f"tensor {name!r} has inconsistent offsets")
-            specs[name] = spec
+            specs[name] = (shape, code)
         return specs
     except OSError as exc:
         raise MissingTensorError(f"cannot read {path}: {exc.strerror}") from None
@@ -100,17 +116,28 @@ class SafetensorsFolder:
                 "model folder saved with save_pretrained(safe_serialization=True)"
             )
         self._file_of: dict[str, Path] = {}
-        self._specs: dict[str, TensorSpec] = {}
+        self._header: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, code)
         for file in files:
-            for name, spec in _read_header(file).items():
+            for name, entry in _read_header(file).items():
                 self._file_of[name] = file
-                self._specs[name] = spec
+                self._header[name] = entry
+        self._specs: dict[str, TensorSpec] | None = None  # built on first use (imports torch)
         self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
-        return sorted(self._specs)
+        return sorted(self._header)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by name (without importing torch)."""
+        return {name: shape for name, (shape, _) in self._header.items()}
 
     def specs(self) -> dict[str, TensorSpec]:
+        if self._specs is None:
+            dtypes = code_dtypes()
+            self._specs = {
+                name: TensorSpec(shape, dtypes[code])
+                for name, (shape, code) in self._header.items()
+            }
         return dict(self._specs)
 
     def get(self, name: str) -> torch.Tensor:
@@ -119,6 +146,8 @@ class SafetensorsFolder:
             raise MissingTensorError(f"{redact_text(self.folder)}: tensor {name!r} is missing")
         handle = self._handles.get(file)
         if handle is None:
+            from safetensors import safe_open
+
             handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
         return handle.get_tensor(name)
 
@@ -150,7 +179,7 @@ _ARCH_FIELDS = (
 
 def check_compatible(base: SafetensorsFolder, others: Mapping[str, SafetensorsFolder]) -> None:
     """Every expert must have the base's tensors with the base's shapes; say which differ."""
-    base_specs, base_config = base.specs(), base.config()
+    base_shapes, base_config = base.shapes(), base.config()
     for label, other in others.items():
         for key in _ARCH_FIELDS:
             if key in base_config and base_config.get(key) != other.config().get(
@@ -160,20 +189,20 @@ def check_compatible(base: SafetensorsFolder, others: Mapping[str, SafetensorsFo
                     f"{label} ({other.folder}): config.json {key}={other.config().get(key)!r} but "
                     f"the base has {base_config[key]!r}; experts must be fine-tuned from the base"
                 )
-        specs = other.specs()
-        missing = sorted(set(base_specs) - set(specs))
-        extra = sorted(set(specs) - set(base_specs))
+        shapes = other.shapes()
+        missing = sorted(set(base_shapes) - set(shapes))
+        extra = sorted(set(shapes) - set(base_shapes))
         if missing or extra:
             raise ModelMismatchError(
                 f"{label} ({other.folder}) does not have the base's tensors: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
-        for name, spec in base_specs.items():
-            if specs[name].shape != spec.shape:
+        for name, shape in base_shapes.items():
+            if shapes[name] != shape:
                 raise ModelMismatchError(
-                    f"{label} ({other.folder}): tensor {name!r} has shape {list(specs[name].shape)}"
-                    f", the base has {list(spec.shape)}"
+                    f"{label} ({other.folder}): tensor {name!r} has shape {list(shapes[name])}"
+                    f", the base has {list(shape)}"
                 )
 
 
@@ -188,6 +217,9 @@ def write_safetensors(
     `tensors` must yield exactly the names of `specs`, in any order; the header is written
     first from the specs, then each tensor at its offset, so memory stays at one tensor.
     """
+    import torch
+
+    dtype_codes = {dtype: code for code, dtype in code_dtypes().items()}
     path = Path(path)
     order = sorted(specs)
     header: dict[str, object] = {"__metadata__": dict(metadata or {})}
@@ -195,7 +227,7 @@ def write_safetensors(
     for name in order:
         spec = specs[name]
         header[name] = {
-            "dtype": _DTYPE_CODES[spec.dtype],
+            "dtype": dtype_codes[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
