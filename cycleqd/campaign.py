@@ -14,25 +14,28 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from cycleqd.archive import ArchiveSet, sample_parents
 from cycleqd.config import CampaignConfig
 from cycleqd.errors import CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
-from cycleqd.materialize import Materializer
 from cycleqd.objectstore import RemoteSafetensors, read_manifest
 from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import NullTracker, Tracker
 from cycleqd.weights import SafetensorsFolder, check_compatible
 
+if TYPE_CHECKING:
+    import torch
+
+    from cycleqd.materialize import Materializer
+
 log = logging.getLogger(__name__)
 
-Tensors = Iterable[tuple[str, torch.Tensor]]
+Tensors = Iterable[tuple[str, "torch.Tensor"]]
 
 
 class Evaluator(Protocol):
@@ -136,7 +139,7 @@ class Campaign:
         # open handles on stored elites
         self._stored: dict[str, SafetensorsFolder | RemoteSafetensors] = {}
         self._register_models()
-        self.materializer = Materializer(self.book, self._resolve, dtype=config.dtype)
+        self._materializer: Materializer | None = None
         self.writer = writer
         if writer:
             self.store.acquire()  # one writer per campaign; fails fast naming the holder
@@ -160,6 +163,21 @@ class Campaign:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def materializer(self) -> Materializer:
+        """Built where models are materialised (evaluation, export): torch is imported there,
+        so the CPU-only tasks (breed, commit) never import it."""
+        if self._materializer is None:
+            from cycleqd.materialize import Materializer
+
+            self._materializer = Materializer(self.book, self._resolve, dtype=self.config.dtype)
+        return self._materializer
+
+    def _set_book(self, book: GenomeBook) -> None:
+        self.book = book
+        if self._materializer is not None:
+            self._materializer.book = book
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -196,13 +214,13 @@ class Campaign:
         if latest is None:
             return
         snapshot = self.store.read_snapshot(latest)
-        self.book = GenomeBook()
-        self.book.load_list(snapshot["genomes"])
+        book = GenomeBook()
+        book.load_list(snapshot["genomes"])
+        self._set_book(book)
         self._sources = {
             gid: self._sources[gid]
             for gid in (self.book.base_id(), *self.book.expert_ids().values())
         }
-        self.materializer.book = self.book
         self.archives.load_dict(snapshot["archives"])
         self.generation = latest
         log.info("resumed campaign %s at generation %d", self.config.name, latest)
@@ -416,8 +434,7 @@ class Campaign:
         # and trace them) and this generation's children; children that died in an earlier
         # generation stay only in their generation's pending/ and evaluations/ records.
         bred_now = {g for g, genome in self.book.items() if genome.generation == generation}
-        self.book = self.book.pruned(self.archives.genome_ids() | bred_now)
-        self.materializer.book = self.book
+        self._set_book(self.book.pruned(self.archives.genome_ids() | bred_now))
         snapshot = {
             "campaign": self.config.name,
             "generation": generation,

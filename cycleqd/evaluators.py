@@ -1,7 +1,8 @@
 """Builds the evaluator a campaign config asks for.
 
 Evaluators are built lazily: every pipeline stage opens the campaign, but only evaluation
-tasks score models, so the breeding and archive-update tasks never load a model."""
+tasks score models, so the breeding and archive-update tasks never load a model (nor import
+torch)."""
 
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ class LazyEvaluator:
 def build_evaluator(config: CampaignConfig) -> Evaluator:
     evaluation = config.evaluation
     if evaluation.world == "probe":
-        from cycleqd.tiny import ProbeEvaluator
-
-        return LazyEvaluator(
-            lambda: ProbeEvaluator(dict(config.models.experts), n_prompts=evaluation.probe_prompts)
-        )
+        return LazyEvaluator(lambda: _probe_evaluator(config))
     if evaluation.world == "tiny":
         return LazyEvaluator(lambda: _tiny_world_evaluator(config))
     raise NotImplementedError(evaluation.world)  # unreachable: the config is validated
+
+
+def _probe_evaluator(config: CampaignConfig) -> Evaluator:
+    from cycleqd.tiny import ProbeEvaluator
+
+    experts = dict(config.models.experts)
+    return ProbeEvaluator(experts, n_prompts=config.evaluation.probe_prompts)
 
 
 def _tiny_world_evaluator(config: CampaignConfig) -> Evaluator:
