@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +78,30 @@ def run_kfp_local(config, root: Path, parallelism: int = 1) -> list[float]:
     assert store.latest_generation() == config.generations, f"see {log}"
     times = [(snapshots / f"{g:06d}.json").stat().st_mtime for g in range(config.generations + 1)]
     return [b - a for a, b in itertools.pairwise(times)]
+
+
+_TASK_LINE = re.compile(  # kfp.local colours task names: "Task \x1b[96m'breed'\x1b[0m finished"
+    r"^(\d\d:\d\d:\d\d\.\d+) - INFO - (?:Executing task|Task) [^'\n]*'([\w-]+)'"
+    r"(?:\x1b\[[0-9;]*m)?( finished)?",
+    re.M,
+)
+
+
+def task_seconds(log: Path) -> dict[str, list[float]]:
+    """Seconds of every task kfp.local ran (from its log: start to finish, process start and
+    exit included), by task ('breed-2' counts as 'breed')."""
+    started: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}
+    for match in _TASK_LINE.finditer(log.read_text()):
+        stamp, name, finished = match.groups()
+        at = datetime.datetime.strptime(stamp, "%H:%M:%S.%f")
+        at_s = at.hour * 3600 + at.minute * 60 + at.second + at.microsecond / 1e6
+        if not finished:
+            started[name] = at_s
+        elif name in started:
+            kind = re.sub(r"-\d+$", "", name)
+            seconds.setdefault(kind, []).append((at_s - started.pop(name)) % 86400)
+    return seconds
 
 
 def run_in_process(config, root: Path) -> dict[str, float]:
@@ -167,6 +192,12 @@ def main() -> None:
         f"{wall / in_process:.2f}x; per-generation walls {[round(t, 1) for t in per_generation]}"
     )
     print(f"archives identical between the two runs: {same}")
+    tasks = task_seconds(root / "kfp" / "kfp-local.log")
+    print("\n| task (kfp.local) | runs | mean seconds |\n| --- | ---: | ---: |")
+    for kind in ("breed", "evaluate", "commit"):
+        if kind in tasks:
+            runs = tasks[kind]
+            print(f"| {kind} | {len(runs)} | {sum(runs) / len(runs):.2f} |")
 
 
 if __name__ == "__main__":
