@@ -242,7 +242,9 @@ def measure_size(
     factor_bytes = sum(s.nbytes for s in SafetensorsFolder(factor_file.parent).specs().values())
     rows: list[Row] = []
 
-    materializer = _materializer_class(impl)(book, opened.get, dtype=dtype_name)
+    # The fused kernel at every size (by default the Materializer uses it from 67M weights).
+    options = {} if impl else {"fused": True}
+    materializer = _materializer_class(impl)(book, opened.get, dtype=dtype_name, **options)
     prefix = "before: " if impl else ""
     out_specs = materializer.specs()
     out_bytes = sum(s.nbytes for s in out_specs.values())

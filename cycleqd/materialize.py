@@ -7,6 +7,7 @@ consumer decides where each tensor goes (a model in memory, a streamed safetenso
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # read from memory once and written once instead of once per elementwise pass over whole
 # tensors (~10 passes). benchmarks/bandwidth.py measured 2^16..2^20; 2^18 was fastest.
 BLOCK_ELEMENTS = 1 << 18
+# Models from this many weights merge through the fused kernel by default: it saves ~2.5 s per
+# 1B weights per child but costs ~0.8 s once per process (numba's import and cached code),
+# which a 3M-weight tiny-world model (0.15 s per child in torch) never earns back.
+FUSED_MIN_ELEMENTS = 1 << 26
 
 Sources = dict[str, "SafetensorsFolder | None"]
 
@@ -48,7 +53,11 @@ class Materializer:
         dtype: str = "float32",
         device: str | torch.device = "cpu",
         factor_cache_bytes: int = 8 << 30,
+        fused: bool | None = None,
     ):
+        """`fused`: merge with the fused CPU kernel (`merge_kernel`); None: when the model has
+        at least FUSED_MIN_ELEMENTS weights (below that, loading the kernel, ~0.8 s per
+        process, costs more than it saves). Both paths give the same bits."""
         self.book = book
         self.resolve = resolve
         self.dtype = _DTYPES[dtype]
@@ -64,6 +73,7 @@ class Materializer:
         self._factor_bytes = 0
         self._factor_files: dict[str, object] = {}
         self.factor_cache_bytes = factor_cache_bytes
+        self._fused = fused
 
     def specs(self) -> dict[str, TensorSpec]:
         """Names and shapes of every output tensor, in the output dtype."""
@@ -97,6 +107,18 @@ class Materializer:
                 _check_finite(tensor, genome_id, name)
                 tensor = tensor.to(self.dtype)
             yield name, tensor
+
+    @property
+    def fused(self) -> bool:
+        """Whether CPU merges go through the fused kernel (decided once, see __init__)."""
+        if self._fused is None:
+            elements = sum(
+                math.prod(spec.shape)
+                for spec in self.base.specs().values()
+                if spec.dtype.is_floating_point
+            )
+            self._fused = elements >= FUSED_MIN_ELEMENTS
+        return self._fused and merge_kernel.available()
 
     def tensor(self, genome_id: str, name: str) -> torch.Tensor:
         """One tensor in float32 (integer tensors as stored), unchecked."""
@@ -226,7 +248,7 @@ class Materializer:
                 and experts
                 and len({r.dtype for r in raws}) == 1
                 and merge_kernel.supports(raw_base.dtype, dtype, raws[0].dtype)
-                and merge_kernel.available()
+                and self.fused
             )
             merge = _merge_fused if fused else _merge_torch
             coeffs = [form.coeffs[e] for e in experts]

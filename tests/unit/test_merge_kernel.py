@@ -108,7 +108,7 @@ def _book(folders):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_materializer_fused_equals_torch_path(worlds, dtype, monkeypatch):
+def test_materializer_fused_equals_torch_path(worlds, dtype):
     book, opened, (e1, e2, e3) = _book(worlds[dtype])
     first = book.add(Genome("child", (e1, e2), (0.55, 0.45), Mutation("svd_expert", 3, 0.3, e1)))
     children = [
@@ -117,12 +117,10 @@ def test_materializer_fused_equals_torch_path(worlds, dtype, monkeypatch):
         book.add(Genome("child", (first, e3), (0.6, 0.4), Mutation("gaussian", 4, 1e-3))),
     ]
     for out_dtype in ("float32", "bfloat16"):
-        fused = Materializer(book, opened.get, dtype=out_dtype)
+        fused = Materializer(book, opened.get, dtype=out_dtype, fused=True)
         got = {g: dict(fused.tensors(g)) for g in children}
-        with monkeypatch.context() as patch:
-            patch.setattr(merge_kernel, "available", lambda: False)
-            plain = Materializer(book, opened.get, dtype=out_dtype)
-            want = {g: dict(plain.tensors(g)) for g in children}
+        plain = Materializer(book, opened.get, dtype=out_dtype, fused=False)
+        want = {g: dict(plain.tensors(g)) for g in children}
         for g in children:
             for name, tensor in want[g].items():
                 assert torch.equal(got[g][name], tensor), (dtype, out_dtype, g, name)
@@ -135,13 +133,13 @@ def test_materializer_rejects_non_finite_child(worlds):
     book, opened, (e1, e2, _) = _book(worlds["bfloat16"])
     child = book.add(Genome("child", (e1, e2), (1e39, -1e39)))  # inf in float32
     with pytest.raises(NonFiniteWeightsError, match="NaN or Inf"):
-        dict(Materializer(book, opened.get, dtype="bfloat16").tensors(child))
+        dict(Materializer(book, opened.get, dtype="bfloat16", fused=True).tensors(child))
 
 
 def test_materializer_writes_into_matching_buffers(worlds):
     book, opened, (e1, e2, _) = _book(worlds["bfloat16"])
     child = book.add(Genome("child", (e1, e2), (0.3, 0.7), Mutation("svd_expert", 1, 0.3, e2)))
-    materializer = Materializer(book, opened.get, dtype="bfloat16")
+    materializer = Materializer(book, opened.get, dtype="bfloat16", fused=True)
     allocated = dict(materializer.tensors(child))
     buffers = {name: torch.zeros_like(t) for name, t in allocated.items()}
     odd = "model.norm.weight"
@@ -152,3 +150,12 @@ def test_materializer_writes_into_matching_buffers(worlds):
         same = tensor.data_ptr() == buffers[name].data_ptr()
         assert same == (name != odd), name  # written in place unless the buffer cannot take it
     assert torch.equal(buffers[odd], untouched)
+
+
+def test_fused_by_default_only_for_models_worth_it(worlds, monkeypatch):
+    book, opened, _ = _book(worlds["float32"])
+    assert not Materializer(book, opened.get).fused  # a test world, far below the threshold
+    monkeypatch.setattr("cycleqd.materialize.FUSED_MIN_ELEMENTS", 1000)
+    assert Materializer(book, opened.get).fused
+    monkeypatch.setattr(merge_kernel, "available", lambda: False)  # numba missing
+    assert not Materializer(book, opened.get, fused=True).fused
