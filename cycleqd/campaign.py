@@ -39,7 +39,12 @@ Tensors = Iterable[tuple[str, "torch.Tensor"]]
 
 
 class Evaluator(Protocol):
-    """Scores a model on every skill; each score is a quality in [0, 1]."""
+    """Scores a model on every skill; each score is a quality in [0, 1].
+
+    An evaluator may also offer `weight_buffers() -> Mapping[str, torch.Tensor] | None`, its
+    warm model's tensors by checkpoint name: children are then materialised straight into
+    them, and the `tensors` it receives are those same tensors (copying them is free).
+    """
 
     def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]: ...
 
@@ -252,7 +257,10 @@ class Campaign:
             sha = (manifest.get("files") or {}).get("model.safetensors")
             if isinstance(sha, str):
                 self._written[genome_id] = sha
-        return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id))
+        # An evaluator that offers its model's tensors gets the child written into them.
+        offer = getattr(self.evaluator, "weight_buffers", None)
+        into = offer() if offer is not None else None
+        return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id, into=into))
 
     def _timed_evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
         """Evaluate, adding to `timings` the seconds spent producing tensors (materialising or

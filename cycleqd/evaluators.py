@@ -28,6 +28,11 @@ class LazyEvaluator:
     def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
         return self.evaluator.evaluate(genome_id, tensors)
 
+    def weight_buffers(self):
+        """The real evaluator's model tensors, where it offers them (see `Campaign`)."""
+        offer = getattr(self.evaluator, "weight_buffers", None)
+        return offer() if offer is not None else None
+
 
 def build_evaluator(config: CampaignConfig) -> Evaluator:
     evaluation = config.evaluation

@@ -120,6 +120,10 @@ class ProbeEvaluator:
             )
         self.skills = list(self.prompts)
 
+    def weight_buffers(self) -> dict[str, torch.Tensor]:
+        """The warm model's tensors: the campaign materialises children straight into them."""
+        return self.model.state_dict()
+
     @torch.no_grad()
     def _load(self, tensors) -> None:
         state = self.model.state_dict()

@@ -128,6 +128,12 @@ class TransformersBackend:
 
     # -- weights -------------------------------------------------------------------------------
 
+    def weight_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's tensors by checkpoint name (views on its parameters), for a producer
+        that writes weights in place (`Materializer.tensors(gid, into=...)`): `load_weights`
+        of those same tensors then copies nothing."""
+        return self.model.state_dict()
+
     @torch.no_grad()
     def load_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], strict: bool = True

@@ -300,3 +300,35 @@ def test_timings_split_materialisation_evaluation_and_commit(tiny_world, probe_e
     assert timings["models"] == 3 + 2 * 2  # the experts, then two children per generation
     assert timings["materialize_s"] > 0 and timings["evaluate_s"] > 0
     assert timings["commit_s"] > 0
+
+
+def test_children_written_into_the_evaluators_model(tiny_world, probe_evaluator, tmp_path):
+    """An evaluator that offers its model's tensors gets children materialised into them (no
+    copy, no allocation), with the same scores as one that copies."""
+    buffers = probe_evaluator.weight_buffers()
+    pointers = {t.data_ptr() for t in buffers.values()}
+    received: list[set[int]] = []
+
+    class Recording:
+        def __init__(self, offer: bool):
+            self.offer = offer
+
+        def __getattr__(self, name):  # weight_buffers only when offered
+            if name == "weight_buffers" and self.offer:
+                return probe_evaluator.weight_buffers
+            raise AttributeError(name)
+
+        def evaluate(self, genome_id, tensors):
+            tensors = list(tensors)
+            received.append({t.data_ptr() for _, t in tensors})
+            return probe_evaluator.evaluate(genome_id, tensors)
+
+    runs = []
+    for offer in (True, False):
+        received.clear()
+        campaign = _campaign(tiny_world, Recording(offer), tmp_path / str(offer), generations=4)
+        campaign.run()
+        runs.append(campaign)
+        children = received[3:]  # after the three experts (stored weights, read as they are)
+        assert children and all((r <= pointers) == offer for r in children)
+    assert runs[0].archives == runs[1].archives

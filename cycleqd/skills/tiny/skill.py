@@ -222,6 +222,10 @@ class TinyWorldEvaluator:
     def skill_names(self) -> list[str]:
         return [s.name for s in self.skills]
 
+    def weight_buffers(self) -> dict[str, Any]:
+        """The warm model's tensors: the campaign materialises children straight into them."""
+        return self.backend.weight_buffers()
+
     def evaluate(self, genome_id: str, tensors: Iterable[tuple[str, Any]]) -> dict[str, float]:
         self.backend.load_weights(tensors)
         return self.evaluate_loaded(genome_id)
