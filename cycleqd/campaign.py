@@ -244,12 +244,20 @@ class Campaign:
 
     def _score(self, genome_id: str) -> dict[str, float]:
         if self.book.linear_form(genome_id) is None and self._resolve(genome_id) is None:
-            # Off the experts' span: keep the weights, a future child may need them.
-            self._written[genome_id] = self.store.write_model(
-                genome_id, self.materializer.specs(), self.materializer.tensors(genome_id)
-            )
-            stored = self.store.open_model(genome_id)
-            return self._timed_evaluate(genome_id, ((n, stored.get(n)) for n in stored.names()))
+            # Off the experts' span: no recipe rebuilds it cheaply, so the weights are kept if
+            # it may become an elite (a future child may be bred from it). Written to scratch
+            # space once, scored from there, and published only then: non-elites cost no
+            # store writes.
+            specs, tensors = self.materializer.specs(), self.materializer.tensors(genome_id)
+            with self.store.staged_model(genome_id, specs, tensors) as staged:
+                weights = staged.weights
+                scores = self._timed_evaluate(
+                    genome_id, ((n, weights.get(n)) for n in weights.names())
+                )
+                if self._may_enter(genome_id, scores):
+                    staged.publish()
+                    self._written[genome_id] = staged.sha256
+            return scores
         if self.book.linear_form(genome_id) is None and genome_id not in self._written:
             # Weights uploaded by an attempt that died before recording its evaluation: the
             # record must still carry their sha256 (the lineage's link to the weights).
@@ -261,6 +269,12 @@ class Campaign:
         offer = getattr(self.evaluator, "weight_buffers", None)
         into = offer() if offer is not None else None
         return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id, into=into))
+
+    def _may_enter(self, genome_id: str, scores: dict[str, float]) -> bool:
+        """Whether the child would enter an archive as committed now. Cells only ever get
+        better, so a child refused now is refused at commit too (where earlier children of
+        its generation may have raised the bar further)."""
+        return bool(copy.deepcopy(self.archives).offer(genome_id, scores))
 
     def _timed_evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
         """Evaluate, adding to `timings` the seconds spent producing tensors (materialising or

@@ -27,7 +27,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -389,6 +390,22 @@ class CampaignStore:
     ) -> str:
         """Stream a model into <area>/<id>/; visible (manifest) only once complete.
         Returns the sha256 of its weights file."""
+        with self.staged_model(genome_id, specs, tensors, extra_files, area) as staged:
+            staged.publish()
+            return staged.sha256
+
+    @contextmanager
+    def staged_model(
+        self,
+        genome_id: str,
+        specs: dict[str, TensorSpec],
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        extra_files: dict[str, str] | None = None,
+        area: str = "models",
+    ) -> Iterator[StagedModel]:
+        """Stream a model into a local scratch folder, to be read (`staged.weights`) and then
+        published into <area>/<id>/ (`staged.publish()`) or dropped: the scratch folder is
+        deleted on exit either way. The store sees nothing unless it is published."""
         with tempfile.TemporaryDirectory(prefix="cycleqd-model-") as tmp:
             files = {"model.safetensors": Path(tmp) / "model.safetensors"}
             sha = write_safetensors(
@@ -397,8 +414,12 @@ class CampaignStore:
             for name, text in (extra_files or {}).items():
                 files[name] = Path(tmp) / name
                 files[name].write_text(text)
-            publish_model(self.store, _model_prefix(area, genome_id), files, {"genome": genome_id})
-        return sha
+
+            def publish() -> None:
+                prefix = _model_prefix(area, genome_id)
+                publish_model(self.store, prefix, files, {"genome": genome_id})
+
+            yield StagedModel(SafetensorsFolder(tmp), sha, publish)
 
     def stored_models(self, area: str = "models") -> list[str]:
         prefix = f"{_area(area)}/"
@@ -410,6 +431,15 @@ class CampaignStore:
         prefix = _model_prefix(area, genome_id)
         self.store.delete(f"{prefix}/{MANIFEST}")
         self.store.delete_prefix(f"{prefix}/")
+
+
+@dataclass(frozen=True)
+class StagedModel:
+    """A model written to local scratch space (see `CampaignStore.staged_model`)."""
+
+    weights: SafetensorsFolder
+    sha256: str
+    publish: Callable[[], None]
 
 
 def _content_sha256(store: ObjectStore, key: str, chunk: int = 64 << 20) -> str:

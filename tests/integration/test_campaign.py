@@ -332,3 +332,39 @@ def test_children_written_into_the_evaluators_model(tiny_world, probe_evaluator,
         children = received[3:]  # after the three experts (stored weights, read as they are)
         assert children and all((r <= pointers) == offer for r in children)
     assert runs[0].archives == runs[1].archives
+
+
+def test_paper_svd_non_elites_write_nothing(tiny_world, probe_evaluator, tmp_path, monkeypatch):
+    """Children off the experts' span are published to the store only when they could enter
+    an archive; the others are scored from scratch space and leave no bytes behind."""
+    import cycleqd.state
+
+    published: list[str] = []
+    real = cycleqd.state.publish_model
+
+    def recording(store, prefix, *args, **kwargs):
+        published.append(prefix.rsplit("/", 1)[-1])
+        return real(store, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(cycleqd.state, "publish_model", recording)
+    skills = [{"name": s, "bc_min": 0.0, "bc_max": 1.0, "bins": 3} for s in tiny.SKILLS]
+    campaign = _campaign(
+        tiny_world,
+        probe_evaluator,
+        tmp_path,
+        generations=8,
+        population=2,
+        skills=skills,  # 9 cells per archive: they fill, and later children are refused
+        mutation={"kind": "svd"},
+    )
+    campaign.run()
+    bred = [h for h in campaign.history if h.generation > 0]
+    archived = campaign.archives.genome_ids()
+    assert any(h.entered for h in bred)
+    assert {h.genome_id for h in bred if h.entered} <= set(published)
+    assert set(published) <= {h.genome_id for h in bred}
+    refused = [h.genome_id for h in bred if h.genome_id not in published]
+    assert refused, "every child could enter: the test shows nothing"
+    for gid in refused:
+        assert gid not in archived
+        assert campaign.store.get_json(f"evaluations/{gid}.json")["sha256"] is None
