@@ -159,3 +159,24 @@ def test_fused_by_default_only_for_models_worth_it(worlds, monkeypatch):
     assert Materializer(book, opened.get).fused
     monkeypatch.setattr(merge_kernel, "available", lambda: False)  # numba missing
     assert not Materializer(book, opened.get, fused=True).fused
+
+
+def test_compiles_without_a_writable_cache(monkeypatch):
+    """A read-only image with no writable home: numba finds nowhere to cache the kernel and
+    refuses `cache=True`; the kernel is then compiled in memory instead of being lost."""
+    import numba.core.caching
+
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    monkeypatch.setattr(merge_kernel, "_kernels", None)
+    assert merge_kernel.available()
+    out = torch.empty(10)
+    assert merge_kernel.merge(torch.zeros(10), [torch.ones(10)], [0.5], out)
+    assert torch.equal(out, torch.full((10,), 0.5))
+    monkeypatch.setattr(merge_kernel, "_kernels", None)  # the next test compiles afresh
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("CYCLEQD_FUSED_MERGE", "0")
+    monkeypatch.setattr(merge_kernel, "_kernels", None)
+    assert not merge_kernel.available()
+    monkeypatch.setattr(merge_kernel, "_kernels", None)
