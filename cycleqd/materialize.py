@@ -35,6 +35,8 @@ BLOCK_ELEMENTS = 1 << 18
 # 1B weights per child but costs ~0.8 s once per process (numba's import and cached code),
 # which a 3M-weight tiny-world model (0.15 s per child in torch) never earns back.
 FUSED_MIN_ELEMENTS = 1 << 26
+# Elements per block on a GPU: three float32 scratch blocks of 64 MB; launches are amortised.
+DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 Sources = dict[str, "SafetensorsFolder | None"]
 
@@ -62,6 +64,8 @@ class Materializer:
         self.resolve = resolve
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # comparable to tensors'
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.base_id = book.base_id()
         base = resolve(self.base_id)
         if base is None:
@@ -219,15 +223,14 @@ class Materializer:
         experts = sorted(form.coeffs)
         raws = [self._source(e, sources).get(name) for e in experts]
         on_cpu = self.device.type == "cpu"
-        if not on_cpu:  # one transfer per source, in its stored dtype; one block per tensor
-            raw_base = raw_base.to(self.device)
-            raws = [r.to(self.device) for r in raws]
         shape, numel = raw_base.shape, raw_base.numel()
         low_rank = self._scaled_svd_terms(form, name, raw_base, sources)
         cols = shape[1] if low_rank else 1
-        block = numel
-        if on_cpu and numel:  # whole rows, so that the SVD terms can be added per block
-            block = min(numel, max(cols, BLOCK_ELEMENTS // cols * cols))
+        # Whole rows, so that the SVD terms can be added per block. On a GPU the sources stay
+        # in host memory and move a block at a time: whole tensors in float32 (3 scratch
+        # copies of an 8B Llama's embedding: 6 GB) would not fit beside a warm engine.
+        limit = BLOCK_ELEMENTS if on_cpu else DEVICE_BLOCK_ELEMENTS
+        block = min(numel, max(cols, limit // cols * cols)) if numel else numel
         # Straight into the output dtype, unless noise terms (drawn per whole tensor) follow.
         final = out_dtype is not None and not form.noise_terms
         dtype = out_dtype if final else torch.float32
@@ -373,10 +376,11 @@ def _merge_torch(
     flat_result: torch.Tensor,
     final: bool,
 ) -> bool:
-    """The same merge with torch ops, block by block (GPU, float16, no numba): a block's
-    float32 inputs and result stay in cache across the ~8 elementwise passes."""
+    """The same merge with torch ops, block by block (GPU, float16, no numba): on a CPU a
+    block's float32 inputs and result stay in cache across the ~8 elementwise passes; on a GPU
+    each block of the sources (in host memory) is copied to the device as it is upcast."""
     numel = flat_base.numel()
-    f32 = {"dtype": torch.float32, "device": flat_base.device}
+    f32 = {"dtype": torch.float32, "device": flat_result.device}
     base32, scratch = torch.empty(block, **f32), torch.empty(block, **f32)
     acc = torch.empty(block, **f32) if final else None
     for start in range(0, numel, block):
@@ -388,9 +392,9 @@ def _merge_torch(
         if not flats:
             o.copy_(b)
         for i, (flat, coeff) in enumerate(zip(flats, coeffs, strict=True)):
-            if flat.dtype == torch.float32:
+            if flat.dtype == torch.float32 and flat.device == b.device:
                 torch.sub(flat[start:stop], b, out=s)
-            else:  # upcast, then subtract in float32: a mixed-dtype sub is ~2x slower
+            else:  # upcast (and move), then subtract: a mixed-dtype sub is ~2x slower
                 s.copy_(flat[start:stop])
                 s.sub_(b)
             # o = b + a*s for the first expert: what copying b into o, then adding, gives

@@ -107,8 +107,11 @@ def _book(folders):
     return book, {g: SafetensorsFolder(f) for g, f in opened.items()}, experts
 
 
+@pytest.mark.parametrize("block", [None, 300])  # 300: many blocks (of whole rows) per tensor
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_materializer_fused_equals_torch_path(worlds, dtype):
+def test_materializer_fused_equals_torch_path(worlds, dtype, block, monkeypatch):
+    if block:
+        monkeypatch.setattr("cycleqd.materialize.BLOCK_ELEMENTS", block)
     book, opened, (e1, e2, e3) = _book(worlds[dtype])
     first = book.add(Genome("child", (e1, e2), (0.55, 0.45), Mutation("svd_expert", 3, 0.3, e1)))
     children = [
