@@ -31,9 +31,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # read from memory once and written once instead of once per elementwise pass over whole
 # tensors (~10 passes). benchmarks/bandwidth.py measured 2^16..2^20; 2^18 was fastest.
 BLOCK_ELEMENTS = 1 << 18
-# Models from this many weights merge through the fused kernel by default: it saves ~2.5 s per
-# 1B weights per child but costs ~0.8 s once per process (numba's import and cached code),
-# which a 3M-weight tiny-world model (0.15 s per child in torch) never earns back.
+# Models from this many weights merge through the fused kernel by default: it saves 1.7-3 s
+# per 1B weights per child but costs ~0.8 s once per process (numba's import and cached code),
+# which the 1.3M-weight tiny world (~0.04 s per child in torch) never earns back.
 FUSED_MIN_ELEMENTS = 1 << 26
 # Elements per block on a GPU: three float32 scratch blocks of 64 MB; launches are amortised.
 DEVICE_BLOCK_ELEMENTS = 1 << 24
