@@ -18,13 +18,17 @@ CYCLEQD_FUSED_MERGE=0, `available()` is False and callers keep their torch path.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 _EXPONENT = 0x7F800000  # all ones: Inf or NaN
+PARALLEL_MIN_ELEMENTS = 1 << 18  # per thread: below that, handing work over costs more
 # torch dtype -> left shift that widens its bit pattern to float32's
 _SHIFT = {"torch.bfloat16": 16, "torch.float32": 0}
 _kernels: object = None  # compiled lazily: numba costs ~0.3 s to import, ~1 s to compile
@@ -53,21 +57,50 @@ def merge(
         raise ValueError("the fused merge needs at least one expert, all of one dtype")
     with np.errstate(over="ignore"):  # a coefficient beyond float32 is Inf: reported below
         weights = np.asarray(coeffs, dtype=np.float32)
-    return _load().merge(
-        _bits(base),
-        _SHIFT[str(base.dtype)],
-        tuple(_bits(x) for x in experts),
-        shifts.pop(),
-        weights,
-        _bits(out),
-        out.element_size(),
-    )
+    kernel, shift, expert_shift = _load().merge, _SHIFT[str(base.dtype)], shifts.pop()
+    sources, bits_out = [_bits(base), *(_bits(x) for x in experts)], _bits(out)
+
+    def part(start: int, stop: int) -> bool:
+        first, *rest = (a[start:stop] for a in sources)
+        return kernel(
+            first, shift, tuple(rest), expert_shift, weights, bits_out[start:stop], out.itemsize
+        )
+
+    return _in_parts(part, base.numel())
+
+
+def _in_parts(part, numel: int) -> bool:
+    """part(start, stop) over [0, numel), split across torch's intra-op thread count (the
+    kernel releases the GIL; one core's loads do not saturate a server's memory); True when
+    every part is."""
+    import torch
+
+    threads = min(torch.get_num_threads(), numel // PARALLEL_MIN_ELEMENTS)
+    if threads <= 1:
+        return part(0, numel)
+    bounds = [numel * i // threads for i in range(threads + 1)]
+    pool = _pool(threads - 1)
+    others = [pool.submit(part, a, b) for a, b in itertools.pairwise(bounds[1:])]
+    mine = part(bounds[0], bounds[1])
+    return all([mine, *(f.result() for f in others)])
+
+
+@functools.cache
+def _pool_of(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="merge")
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool kept for the process (starting threads per tensor would cost more than small
+    tensors' merges); one per size, in case torch's thread count changes."""
+    return _pool_of(workers)
 
 
 def finish(acc: torch.Tensor, out: torch.Tensor) -> bool:
     """out = acc (flat float32) in out's dtype, rounded to nearest even; False when an element
     is NaN or Inf."""
-    return _load().finish(_bits(acc), _bits(out), out.element_size())
+    kernel, bits_acc, bits_out = _load().finish, _bits(acc), _bits(out)
+    return _in_parts(lambda a, b: kernel(bits_acc[a:b], bits_out[a:b], out.itemsize), acc.numel())
 
 
 def _bits(tensor: torch.Tensor):

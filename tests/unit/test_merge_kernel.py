@@ -18,6 +18,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=[1, 3], ids=["one-thread", "three-parts"])
+def parts(request, monkeypatch):
+    """The kernel on one thread, or split into three parts on three threads."""
+    saved = torch.get_num_threads()
+    if request.param > 1:
+        monkeypatch.setattr(merge_kernel, "PARALLEL_MIN_ELEMENTS", 1000)
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
 def _torch_merge(base, experts, coeffs, out_dtype):
     """The reference: the torch ops of the block-wise path, on whole tensors."""
     b = base.float()
@@ -30,7 +41,7 @@ def _torch_merge(base, experts, coeffs, out_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_bit_identical_to_torch(dtype, out_dtype, count):
+def test_bit_identical_to_torch(dtype, out_dtype, count, parts):
     g = torch.Generator().manual_seed(count)
     n = 100_003  # not a multiple of any vector width: the tail is covered too
     base = torch.randn(n, generator=g).to(dtype)
@@ -42,7 +53,7 @@ def test_bit_identical_to_torch(dtype, out_dtype, count):
     assert torch.equal(out, expected), f"{(out != expected).sum()} of {n} elements differ"
 
 
-def test_finish_rounds_like_torch():
+def test_finish_rounds_like_torch(parts):
     g = torch.Generator().manual_seed(0)
     acc = torch.randn(4099, generator=g) * torch.logspace(-30, 30, 4099)
     out = torch.empty(4099, dtype=torch.bfloat16)
@@ -59,7 +70,7 @@ def test_finish_rounds_like_torch():
         (10.0, 1e38),  # overflows in the arithmetic
     ],
 )
-def test_non_finite_results_are_reported(poison, coeff):
+def test_non_finite_results_are_reported(poison, coeff, parts):
     base = torch.zeros(5000)
     expert = torch.zeros(5000)
     expert[4321] = poison
