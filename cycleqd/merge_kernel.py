@@ -86,14 +86,15 @@ def _in_parts(part, numel: int) -> bool:
 
 
 @functools.cache
-def _pool_of(workers: int) -> ThreadPoolExecutor:
+def _pool_of(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="merge")
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """A pool kept for the process (starting threads per tensor would cost more than small
-    tensors' merges); one per size, in case torch's thread count changes."""
-    return _pool_of(workers)
+    tensors' merges); one per size, in case torch's thread count changes, and per process: a
+    forked child inherits the pool but not its threads."""
+    return _pool_of(workers, os.getpid())
 
 
 def finish(acc: torch.Tensor, out: torch.Tensor) -> bool:

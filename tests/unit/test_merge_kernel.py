@@ -194,3 +194,28 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(merge_kernel, "_kernels", None)
     assert not merge_kernel.available()
     monkeypatch.setattr(merge_kernel, "_kernels", None)
+
+
+def test_parts_in_a_forked_child(monkeypatch):
+    """A child forked after the parent used the thread pool merges in parts too (it inherits
+    the pool object but none of its threads: reusing it would hang)."""
+    import multiprocessing
+
+    monkeypatch.setattr(merge_kernel, "PARALLEL_MIN_ELEMENTS", 1000)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert merge_kernel.merge(torch.zeros(5000), [torch.ones(5000)], [1.0], torch.empty(5000))
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_merge_in_parts).get(timeout=60)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _merge_in_parts() -> bool:
+    merge_kernel.PARALLEL_MIN_ELEMENTS = 1000
+    torch.set_num_threads(2)
+    out = torch.empty(5000)
+    return merge_kernel.merge(torch.zeros(5000), [torch.ones(5000)], [0.5], out) and bool(
+        (out == 0.5).all()
+    )
