@@ -91,6 +91,15 @@ class Lease:
         return True
 
 
+# A run's task renews the lease its run holds without the settle wait while the lease has this
+# long left (far more than a write takes, far less than the default ttl of an hour).
+RENEW_MARGIN_S = 60.0
+
+
+def _live_for(lease: Lease, seconds: float) -> bool:
+    return lease.is_live() and lease.expires_at - time.time() > seconds
+
+
 # A process that drives a run's tasks (`cycleqd run` through kfp.local) exports its pid here;
 # its tasks' leases then die with it instead of blocking the campaign until they expire.
 DRIVER_PID_ENV = "CYCLEQD_DRIVER_PID"
@@ -261,6 +270,12 @@ class CampaignStore:
         if current and current.owner != owner and current.is_live():
             raise CampaignLockedError(self.locked_message(current))
         self._write_lease(owner, ttl)
+        if current and current.owner == owner and _live_for(current, RENEW_MARGIN_S):
+            # A later task of the run that holds it: the lease has been live since the run won
+            # it (a rival reading it since then gave up), so this is a renewal, with no race
+            # to wait out. The margin keeps an about-to-expire lease on the careful path.
+            self._lease_owner = owner
+            return
         time.sleep(settle)
         current = self.read_lease()
         if current is None or current.owner != owner:
