@@ -1,10 +1,12 @@
 """Where a generation's time goes: the tiny skill world through kfp.local, split into
 orchestration, materialisation, generation + scoring, and archive update.
 
-The same campaign (same seed, so the same children) runs twice:
-(a) through the Kubeflow pipeline with `kfp.local` (every stage a subprocess, as `cycleqd run`
-    does): the wall time of each generation is read from the store (the time between two
-    committed snapshots);
+The same campaign (same seed, so the same children) runs three times:
+(a) through the Kubeflow pipeline with `kfp.local` (every stage a subprocess), twice: with
+    every evaluation task loading its own model (as pods on a cluster do), and with the tasks
+    handing their children to one warm evaluation server (as `cycleqd run` does); the wall
+    time of each generation is read from the store (the time between two committed
+    snapshots);
 (b) in one process with `Campaign`, whose `timings` split the work itself: breeding,
     materialisation (producing the child's tensors), evaluation (loading them into the warm
     model, generating, running the answers in the sandbox, scoring) and the archive update
@@ -23,6 +25,7 @@ runs/tiny/world; `python -m cycleqd.skills.tiny.train DIR` too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -50,10 +53,15 @@ def campaign_config(world: Path, generations: int, population: int, samples: int
     return parse_config(data)
 
 
-def run_kfp_local(config, root: Path, parallelism: int = 1) -> list[float]:
-    """Seconds per generation through kfp.local (from the committed snapshots' times)."""
+def run_kfp_local(
+    config, root: Path, parallelism: int = 1, warm_server: bool = True
+) -> list[float]:
+    """Seconds per generation through kfp.local (from the committed snapshots' times), with
+    the evaluation tasks handing their children to one warm evaluation server (as
+    `cycleqd run` does) or each loading its own model (as pods on a cluster do)."""
     from kfp import local
 
+    from cycleqd.evaluation_service import evaluation_service
     from cycleqd.state import DRIVER_PID_ENV, CampaignStore
     from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
 
@@ -64,8 +72,13 @@ def run_kfp_local(config, root: Path, parallelism: int = 1) -> list[float]:
     store_uri = str(root / "campaign")
     root.mkdir(parents=True, exist_ok=True)
     log = root / "kfp-local.log"
-    with log.open("w") as out:  # kfp.local prints every task's log: keep the table readable
-        saved = os.dup(1), os.dup(2)
+    with contextlib.ExitStack() as stack, log.open("w") as out:
+        if warm_server:
+            server = stack.enter_context(
+                evaluation_service(root / "evaluation-server.log", warm_config=config.to_yaml())
+            )
+            assert server.running, f"see {root / 'evaluation-server.log'}"
+        saved = os.dup(1), os.dup(2)  # kfp.local prints every task's log: keep tables readable
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
         try:
@@ -163,41 +176,60 @@ def main() -> None:
         f"{args.samples} questions per skill, {args.parallelism} evaluation task(s) per generation"
     )
     work = run_in_process(config, root / "in-process")
-    per_generation = run_kfp_local(config, root / "kfp", args.parallelism)
-    from cycleqd.state import CampaignStore
+    modes = {"evaluator per task": False, "warm evaluation server": True}
+    walls = {}
+    for mode, warm in modes.items():
+        folder = root / ("kfp-warm" if warm else "kfp-per-task")
+        walls[mode] = run_kfp_local(config, folder, args.parallelism, warm_server=warm)
+        from cycleqd.state import CampaignStore
 
-    kfp_archives = CampaignStore(root / "kfp" / "campaign").read_snapshot(config.generations)
-    same = kfp_archives["archives"] == work["archives"]
+        snapshot = CampaignStore(folder / "campaign").read_snapshot(config.generations)
+        assert snapshot["archives"] == work["archives"], f"{mode}: archives differ"
     g = args.generations
-    wall = sum(per_generation) / g
-    parts = {
+    work_parts = {
         "generation + scoring (evaluator)": work["evaluate"] / g,
         "materialisation": work["materialize"] / g,
         "breeding": work["breed"] / g,
         "archive update (insert, snapshot, GC)": work["commit"] / g,
     }
-    parts["orchestration (kfp.local tasks, imports, model loads)"] = wall - sum(parts.values())
-    print("\n| part of a generation (kfp.local) | seconds | share |\n| --- | ---: | ---: |")
-    for name, seconds in parts.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / wall:.1%} |")
-    print(f"| **wall per generation** | **{wall:.2f}** | 100% |")
-    overhead = 1 - parts["generation + scoring (evaluator)"] / wall
+    print("\n| part of a generation (kfp.local) | " + " | ".join(modes) + " |")
+    print("| --- |" + " ---: |" * len(modes))
+    wall = {mode: sum(per) / g for mode, per in walls.items()}
+    orchestration = {mode: wall[mode] - sum(work_parts.values()) for mode in modes}
+    rows = [*work_parts.items(), ("orchestration (kfp.local tasks, imports, model loads)", None)]
+    for name, seconds in rows:
+        cells = []
+        for mode in modes:
+            value = orchestration[mode] if seconds is None else seconds
+            cells.append(f"{value:.3f} s ({value / wall[mode]:.1%})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("| **wall per generation** | " + " | ".join(f"**{wall[m]:.2f} s**" for m in modes) + " |")
     in_process = work["total"] / g
+    for mode in modes:
+        overhead = 1 - work_parts["generation + scoring (evaluator)"] / wall[mode]
+        print(
+            f"\n{mode}: everything but generation and scoring {overhead:.1%} of a generation "
+            f"(target < 20%); kfp.local / in-process = {wall[mode] / in_process:.2f}x; "
+            f"per-generation walls {[round(t, 1) for t in walls[mode]]}"
+        )
     print(
-        f"\neverything but generation and scoring: {overhead:.1%} of a generation "
-        f"(target < 20%); in one process: {1 - work['evaluate'] / work['total']:.1%}"
+        f"in one process: {in_process:.2f} s per generation, everything but generation and "
+        f"scoring {1 - work['evaluate'] / work['total']:.1%}"
     )
-    print(
-        f"in-process engine: {in_process:.2f} s per generation; kfp.local / in-process = "
-        f"{wall / in_process:.2f}x; per-generation walls {[round(t, 1) for t in per_generation]}"
-    )
-    print(f"archives identical between the two runs: {same}")
-    tasks = task_seconds(root / "kfp" / "kfp-local.log")
-    print("\n| task (kfp.local) | runs | mean seconds |\n| --- | ---: | ---: |")
+    ratio = wall["warm evaluation server"] / wall["evaluator per task"]
+    print(f"warm server / per task: {ratio:.2f}x; archives identical to the in-process run: True")
+    print("\n| task (kfp.local) | " + " | ".join(modes) + " |")
+    print("| --- |" + " ---: |" * len(modes))
+    tasks = {
+        mode: task_seconds(root / ("kfp-warm" if warm else "kfp-per-task") / "kfp-local.log")
+        for mode, warm in modes.items()
+    }
     for kind in ("breed", "evaluate", "commit"):
-        if kind in tasks:
-            runs = tasks[kind]
-            print(f"| {kind} | {len(runs)} | {sum(runs) / len(runs):.2f} |")
+        cells = []
+        for mode in modes:
+            runs = tasks[mode].get(kind, [])
+            cells.append(f"{sum(runs) / len(runs):.2f} s x {len(runs)}" if runs else "-")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 import yaml
 
-from cycleqd.campaign import Campaign
+from cycleqd.campaign import Campaign, Evaluator
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
+from cycleqd.evaluation_service import evaluate_remote
 from cycleqd.evaluators import build_evaluator
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
@@ -55,11 +56,16 @@ def open_campaign(
     owner: str | None = None,
     tracking_uri: str = "",
     writer: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> Iterator[Campaign]:
+    """`evaluator`: a warm one to use (the evaluation server's); by default one is built,
+    lazily, from the config."""
     config = load_config_text(config_yaml)
     store = CampaignStore(store_uri, owner=owner or None)
     tracker = _tracker(tracking_uri, config, store) if writer else NullTracker()
-    campaign = Campaign(config, store, build_evaluator(config), tracker, writer=writer)
+    if evaluator is None:
+        evaluator = build_evaluator(config)
+    campaign = Campaign(config, store, evaluator, tracker, writer=writer)
     try:
         if writer:
             tracker.campaign_started(
@@ -144,10 +150,18 @@ def evaluate(config_yaml: str, store_uri: str, genome_id: str) -> dict:
     return evaluate_many(config_yaml, store_uri, [genome_id])[0]
 
 
-def evaluate_many(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
+def evaluate_many(
+    config_yaml: str, store_uri: str, genome_ids: list[str], evaluator: Evaluator | None = None
+) -> list[dict]:
     """Evaluate children in a row with one warm evaluator; children already evaluated (by an
-    earlier attempt of a retried task) are read back, not scored again."""
-    with open_campaign(config_yaml, store_uri, writer=False) as c:
+    earlier attempt of a retried task) are read back, not scored again. Without `evaluator`,
+    the run's evaluation server scores them where there is one (a local run), else this
+    process does."""
+    if evaluator is None:
+        records = evaluate_remote(config_yaml, store_uri, genome_ids)
+        if records is not None:
+            return records
+    with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as c:
         pending = c.load_pending()
         strangers = [g for g in genome_ids if g not in pending]
         if strangers:

@@ -38,6 +38,7 @@ def _run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
     from cycleqd.campaign import Campaign
+    from cycleqd.evaluation_service import evaluation_service
     from cycleqd.evaluators import build_evaluator
     from cycleqd.state import DRIVER_PID_ENV, CampaignStore
     from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
@@ -65,7 +66,13 @@ def _run_local(args: argparse.Namespace) -> int:
     pipeline = build_pipeline(PipelineOptions(generations_per_run=remaining, parallelism=1))
     log_path = workdir / "kfp-local.log"
     print(f"task logs: {log_path}", flush=True)
-    with _progress(CampaignStore(store_uri), config), _output_to(log_path):
+    with contextlib.ExitStack() as stack:
+        if not args.evaluator_per_task:  # model loaded once, not once per evaluation task
+            stack.enter_context(
+                evaluation_service(workdir / "evaluation-server.log", warm_config=config.to_yaml())
+            )
+        stack.enter_context(_progress(CampaignStore(store_uri), config))
+        stack.enter_context(_output_to(log_path))
         pipeline(
             campaign_config=config.to_yaml(),
             campaign_store_uri=store_uri,
@@ -230,6 +237,12 @@ def _add_commands(sub) -> None:
         choices=["kfp-local", "in-process"],
         default="kfp-local",
         help="kfp-local: the pipeline through kfp.local (default); in-process: one Python loop",
+    )
+    run.add_argument(
+        "--evaluator-per-task",
+        action="store_true",
+        help="kfp-local: every evaluation task loads its own model, as pods do on a cluster "
+        "(default: one warm evaluation server serves them all)",
     )
     run.set_defaults(handler=_run)
 
