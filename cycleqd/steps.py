@@ -19,7 +19,6 @@ import yaml
 from cycleqd.campaign import Campaign, Evaluator
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
-from cycleqd.evaluation_service import evaluate_remote
 from cycleqd.evaluators import build_evaluator
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
@@ -154,13 +153,8 @@ def evaluate_many(
     config_yaml: str, store_uri: str, genome_ids: list[str], evaluator: Evaluator | None = None
 ) -> list[dict]:
     """Evaluate children in a row with one warm evaluator; children already evaluated (by an
-    earlier attempt of a retried task) are read back, not scored again. Without `evaluator`,
-    the run's evaluation server scores them where there is one (a local run), else this
-    process does."""
-    if evaluator is None:
-        records = evaluate_remote(config_yaml, store_uri, genome_ids)
-        if records is not None:
-            return records
+    earlier attempt of a retried task) are read back, not scored again. `evaluator`: a warm
+    one (the evaluation server's); by default one is built from the config."""
     with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as c:
         pending = c.load_pending()
         strangers = [g for g in genome_ids if g not in pending]
@@ -225,12 +219,11 @@ def release(store_uri: str, owner: str) -> None:
 
 def elite_maps_html(config_yaml: str, store_uri: str) -> str:
     """One heatmap per archive of the last committed generation, as a self-contained HTML
-    page (images inlined) for the Kubeflow UI."""
-    import base64
-    import io
+    page (inline SVG, each elite's scores in its tooltip) for the Kubeflow UI."""
+    import html
 
     from cycleqd.archive import ArchiveSet
-    from cycleqd.elite_maps import maps_of, render
+    from cycleqd.elite_maps import maps_of, to_svg
 
     config = load_config_text(config_yaml)
     store = CampaignStore(store_uri)
@@ -239,10 +232,6 @@ def elite_maps_html(config_yaml: str, store_uri: str) -> str:
         return "<p>no generation committed yet</p>"
     archives = ArchiveSet.for_config(config)
     archives.load_dict(store.read_snapshot(latest)["archives"])
-    images = []
-    for skill, data in maps_of(archives).items():
-        buffer = io.BytesIO()
-        render(data, latest).savefig(buffer, format="png")
-        encoded = base64.b64encode(buffer.getvalue()).decode()
-        images.append(f'<img alt="elite map {skill}" src="data:image/png;base64,{encoded}"/>')
-    return f"<h3>{config.name}: archives after generation {latest}</h3>\n" + "\n".join(images)
+    maps = [to_svg(data, latest) for data in maps_of(archives).values()]
+    title = f"{html.escape(config.name)}: archives after generation {latest}"
+    return f"<h3>{title}</h3>\n" + "\n".join(maps)
