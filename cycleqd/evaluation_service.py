@@ -4,9 +4,9 @@ Through kfp.local every evaluation task is a fresh Python process, and importing
 transformers and loading the model cost more than scoring a generation of the tiny world
 (issue 8: ~5.7 s of a 15.5 s generation). So the local driver (`cycleqd run`) starts one
 evaluation server beside the pipeline and names its Unix socket in `SOCKET_ENV`; each
-evaluation task then hands its children to the server, which scores them exactly as the task
-would (`steps.evaluate_many`: results kept in the store) with a model that stays loaded
-across generations.
+evaluation task (`evaluate_children`) then hands its children to the server, which scores
+them exactly as the task would (`steps.evaluate_many`: results kept in the store) with a
+model that stays loaded across generations.
 
 Nothing depends on the server being there: when the variable is unset (a cluster), the
 socket is gone, or the server dies mid-request, the task evaluates in its own process, and
@@ -59,6 +59,18 @@ def _request(path: str, message: dict, timeout: float | None = None) -> dict | N
         with conn.makefile("rb") as reply:
             line = reply.readline()
     return json.loads(line) if line else None
+
+
+def evaluate_children(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
+    """What an evaluation task does: the run's server scores the children where there is one,
+    else this process does (`steps.evaluate_many`). The server's way imports neither torch
+    nor the campaign's modules here."""
+    records = evaluate_remote(config_yaml, store_uri, genome_ids)
+    if records is None:
+        from cycleqd import steps
+
+        records = steps.evaluate_many(config_yaml, store_uri, genome_ids)
+    return records
 
 
 def evaluate_remote(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict] | None:

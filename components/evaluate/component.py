@@ -8,11 +8,12 @@ def evaluate(
     campaign_config: str, store_uri: str, genome_ids: str, scores: dsl.Output[dsl.Metrics]
 ):
     """Materialise children (comma-separated genome ids) from their recipes and score each on
-    every skill, with one warm model. Results are kept in the store, so a retried task reads
-    back the children it already scored instead of evaluating them again."""
-    from cycleqd import steps
+    every skill, with one warm model (a local run's evaluation server, where there is one).
+    Results are kept in the store, so a retried task reads back the children it already
+    scored instead of evaluating them again."""
+    from cycleqd.evaluation_service import evaluate_children
 
-    records = steps.evaluate_many(campaign_config, store_uri, genome_ids.split(","))
+    records = evaluate_children(campaign_config, store_uri, genome_ids.split(","))
     for record in records:
         child = record["genome_id"][:12]
         for skill, value in (record["scores"] or {}).items():

@@ -16,7 +16,7 @@ import yaml
 
 from cycleqd import evaluation_service, steps, tiny
 from cycleqd.errors import CycleQDError
-from cycleqd.evaluation_service import SOCKET_ENV
+from cycleqd.evaluation_service import SOCKET_ENV, evaluate_children
 from cycleqd.evaluation_service import evaluation_service as service
 from cycleqd.state import CampaignStore
 
@@ -30,7 +30,7 @@ def _run_generations(config: str, store: str, on_evaluated=None) -> list[dict]:
     steps.seed(config, store, owner="run")
     records = []
     while children := steps.breed(config, store, owner="run"):
-        records += steps.evaluate_many(config, store, children)
+        records += evaluate_children(config, store, children)
         if on_evaluated:
             on_evaluated()
         steps.commit(config, store, owner="run")
@@ -69,7 +69,7 @@ def test_campaign_errors_reach_the_task_as_they_would_in_process(tiny_world, tmp
     steps.seed(config, store, owner="run")
     steps.breed(config, store, owner="run")
     with service(tmp_path / "server.log"), pytest.raises(CycleQDError, match="not in generation 1"):
-        steps.evaluate_many(config, store, ["feedface"])
+        evaluate_children(config, store, ["feedface"])
 
 
 def test_a_task_evaluates_itself_when_the_server_is_unreachable(
@@ -90,18 +90,18 @@ def test_server_killed_mid_campaign_loses_nothing(tiny_world, tmp_path, monkeypa
     with service(tmp_path / "server.log") as server:
         steps.seed(config, store, owner="run")
         children = steps.breed(config, store, owner="run")
-        records = steps.evaluate_many(config, store, children)
+        records = evaluate_children(config, store, children)
         assert server.stats()["children"] == 3
         server.process.kill()
         server.process.wait()
         # The task is retried (say its reply was lost): it reads back what the server scored.
         with monkeypatch.context() as patch:
             patch.setattr(steps, "build_evaluator", lambda _config: NeverEvaluates())
-            assert steps.evaluate_many(config, store, children) == records
+            assert evaluate_children(config, store, children) == records
         steps.commit(config, store, owner="run")
         # The next generations' tasks find no server and evaluate themselves.
         while children := steps.breed(config, store, owner="run"):
-            records += steps.evaluate_many(config, store, children)
+            records += evaluate_children(config, store, children)
             steps.commit(config, store, owner="run")
     assert records == expected
     assert _archives(store) == _archives(str(tmp_path / "alone"))
