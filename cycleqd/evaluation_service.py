@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class EvaluationServer:
         self._key: str | None = None
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "children": 0, "evaluators_built": 0}
+        # Seconds by part over all requests (`Campaign.timings`: materialize_s, evaluate_s) and
+        # in requests as a whole (busy_s): benchmarks split a generation with them.
+        self.timings: Counter[str] = Counter()
 
     def _evaluator_for(self, config_yaml: str):
         from cycleqd.evaluators import build_evaluator
@@ -143,8 +147,12 @@ class EvaluationServer:
         from cycleqd import steps
 
         with self._lock:
+            started = time.perf_counter()
             evaluator = self._evaluator_for(config_yaml)
-            records = steps.evaluate_many(config_yaml, store_uri, genome_ids, evaluator=evaluator)
+            records = steps.evaluate_many(
+                config_yaml, store_uri, genome_ids, evaluator=evaluator, timings=self.timings
+            )
+            self.timings["busy_s"] += time.perf_counter() - started
             self.stats["requests"] += 1
             self.stats["children"] += len(genome_ids)
         return records
@@ -152,7 +160,7 @@ class EvaluationServer:
     def handle(self, message: dict) -> dict:
         op = message.get("op")
         if op == "ping":
-            return {"ok": True, "pid": os.getpid(), **self.stats}
+            return {"ok": True, "pid": os.getpid(), **self.stats, "timings": dict(self.timings)}
         if op == "warm":
             threading.Thread(target=self._warm_quietly, args=(message["config"],)).start()
             return {"ok": True}
@@ -217,7 +225,7 @@ class ServiceHandle:
         self.running = False  # False: it did not start, the tasks evaluate themselves
 
     def stats(self) -> dict:
-        """The server's counters: requests, children, evaluators_built."""
+        """The server's counters (requests, children, evaluators_built) and `timings`."""
         try:
             reply = _request(self.path, {"op": "ping"}, timeout=10)
         except OSError:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import yaml
@@ -150,11 +151,16 @@ def evaluate(config_yaml: str, store_uri: str, genome_id: str) -> dict:
 
 
 def evaluate_many(
-    config_yaml: str, store_uri: str, genome_ids: list[str], evaluator: Evaluator | None = None
+    config_yaml: str,
+    store_uri: str,
+    genome_ids: list[str],
+    evaluator: Evaluator | None = None,
+    timings: Counter[str] | None = None,
 ) -> list[dict]:
     """Evaluate children in a row with one warm evaluator; children already evaluated (by an
     earlier attempt of a retried task) are read back, not scored again. `evaluator`: a warm
-    one (the evaluation server's); by default one is built from the config."""
+    one (the evaluation server's); by default one is built from the config. `timings` gets
+    the campaign's seconds by part added (`Campaign.timings`)."""
     with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as c:
         pending = c.load_pending()
         strangers = [g for g in genome_ids if g not in pending]
@@ -163,7 +169,10 @@ def evaluate_many(
                 f"child(ren) {', '.join(strangers)} not in generation {c.generation + 1} of "
                 f"{c.store.uri}"
             )
-        return [c.evaluate_child(g) for g in genome_ids]
+        records = [c.evaluate_child(g) for g in genome_ids]
+        if timings is not None:
+            timings.update(c.timings)
+        return records
 
 
 def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:

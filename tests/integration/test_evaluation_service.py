@@ -59,6 +59,9 @@ def test_tasks_share_one_warm_evaluator_and_get_the_records_they_would_compute(
     # One model for the whole run: built once (by the warm-up), three tasks, nine children.
     assert stats["evaluators_built"] == 1
     assert stats["requests"] == 3 and stats["children"] == 9
+    timings = stats["timings"]  # what benchmarks split a generation with
+    assert timings["models"] == 9 and timings["evaluate_s"] > 0 and timings["materialize_s"] > 0
+    assert timings["busy_s"] > timings["evaluate_s"] + timings["materialize_s"]
     assert server.process.poll() is not None, "the server stops with the block"
     assert not os.path.exists(server.path)
 
