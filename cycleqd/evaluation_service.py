@@ -261,7 +261,8 @@ def evaluation_service(log_path: Path, warm_config: str | None = None) -> Iterat
             handle.running = True
             os.environ[SOCKET_ENV] = path
             if warm_config is not None:
-                _request(path, {"op": "warm", "config": warm_config}, timeout=10)
+                with contextlib.suppress(OSError):  # best effort: the first request builds it
+                    _request(path, {"op": "warm", "config": warm_config}, timeout=10)
         yield handle
     finally:
         if previous is None:
