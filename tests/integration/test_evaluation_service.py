@@ -76,7 +76,7 @@ def test_campaign_errors_reach_the_task_as_they_would_in_process(tiny_world, tmp
 
 
 def test_a_task_evaluates_itself_when_the_server_is_unreachable(
-    tiny_world, tmp_path, monkeypatch, caplog
+    tiny_world, tmp_path, monkeypatch, caplog, reliability
 ):
     config = _campaign(tiny_world, generations=1)
     expected = _run_generations(config, str(tmp_path / "alone"))
@@ -84,9 +84,16 @@ def test_a_task_evaluates_itself_when_the_server_is_unreachable(
     with caplog.at_level(logging.WARNING, logger="cycleqd.evaluation_service"):
         assert _run_generations(config, str(tmp_path / "fallback")) == expected
     assert "unreachable" in caplog.text and "evaluating in this task" in caplog.text
+    reliability.record(
+        "Service faults",
+        "a local run's evaluation server unreachable (its socket gone)",
+        tried=1,
+        survived=1,
+        detail="a warning naming the socket; the task evaluated itself, same records",
+    )
 
 
-def test_server_killed_mid_campaign_loses_nothing(tiny_world, tmp_path, monkeypatch):
+def test_server_killed_mid_campaign_loses_nothing(tiny_world, tmp_path, monkeypatch, reliability):
     config = _campaign(tiny_world, generations=3)
     expected = _run_generations(config, str(tmp_path / "alone"))
     store = str(tmp_path / "served")
@@ -108,6 +115,15 @@ def test_server_killed_mid_campaign_loses_nothing(tiny_world, tmp_path, monkeypa
             steps.commit(config, store, owner="run")
     assert records == expected
     assert _archives(store) == _archives(str(tmp_path / "alone"))
+    reliability.record(
+        "Service faults",
+        "a local run's evaluation server SIGKILLed after scoring a generation",
+        tried=1,
+        survived=1,
+        detail="the retried task read the 3 children it had scored back from the store (none "
+        "scored twice); the next generations' tasks evaluated themselves; every record and "
+        "the archives equal a run without a server",
+    )
 
 
 class NeverEvaluates:
@@ -115,13 +131,23 @@ class NeverEvaluates:
         raise AssertionError(f"{genome_id} was scored twice")
 
 
-def test_a_server_that_cannot_start_is_reported_and_left_out(tiny_world, tmp_path, monkeypatch):
+def test_a_server_that_cannot_start_is_reported_and_left_out(
+    tiny_world, tmp_path, monkeypatch, reliability
+):
     monkeypatch.setattr(evaluation_service.sys, "executable", "/bin/false")
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     with service(tmp_path / "server.log") as server:
         assert not server.running and SOCKET_ENV not in os.environ
         config = _campaign(tiny_world, generations=1)
         assert _run_generations(config, str(tmp_path / "campaign"))
+    reliability.record(
+        "Service faults",
+        "a local run's evaluation server failing to start",
+        tried=1,
+        survived=1,
+        detail="a warning naming the server's log; the socket is not named to the tasks, "
+        "which evaluate themselves",
+    )
 
 
 def test_the_server_leaves_with_a_killed_driver(tmp_path):
