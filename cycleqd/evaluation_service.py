@@ -51,15 +51,15 @@ class EvaluationServiceError(CycleQDError):
 
 
 def _request(path: str, message: dict, timeout: float | None = None) -> dict | None:
-    """One request and its reply; None when the server cannot be reached or closed the
-    connection before replying (it died)."""
+    """One request and its reply; None when the server closed the connection before it had
+    replied in full (it died); OSError when it cannot be reached."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(path)
         conn.sendall(json.dumps(message).encode() + b"\n")
         with conn.makefile("rb") as reply:
             line = reply.readline()
-    return json.loads(line) if line else None
+    return json.loads(line) if line.endswith(b"\n") else None
 
 
 def evaluate_children(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
