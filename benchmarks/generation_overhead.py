@@ -180,6 +180,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; {args.generations} generations x {args.population} children, "
         f"{args.samples} questions per skill, {args.parallelism} evaluation task(s) per generation"
     )
+    from cycleqd.state import CampaignStore
+
     work = run_in_process(config, root / "in-process")
     modes = {"evaluator per task": False, "warm evaluation server": True}
     walls, served = {}, {}
@@ -188,8 +190,6 @@ def main() -> None:
         walls[mode], served[mode] = run_kfp_local(
             config, folder, args.parallelism, warm_server=warm
         )
-        from cycleqd.state import CampaignStore
-
         snapshot = CampaignStore(folder / "campaign").read_snapshot(config.generations)
         assert snapshot["archives"] == work["archives"], f"{mode}: archives differ"
     g = args.generations
