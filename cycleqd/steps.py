@@ -20,11 +20,11 @@ import yaml
 from cycleqd.campaign import Campaign, Evaluator
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
-from cycleqd.evaluators import build_evaluator
+from cycleqd.evaluators import build_evaluator, preflight_evaluation
+from cycleqd.model_sources import check_models
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, Tracker
-from cycleqd.weights import SafetensorsFolder, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,18 @@ def open_campaign(
 
 
 def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
-    """Fail fast, with what to fix: config, store access, models, lease, MLflow."""
+    """Fail fast, with what to fix: config, skills (data, database, sandbox, backend), store
+    access, models, lease, MLflow. Nothing is written to the store before the checks that
+    need no store have passed."""
     config = load_config_text(config_yaml)
+    preflight_evaluation(config)
+    # Headers and config.json only (S3: ranged GETs): models that cannot be read stop the run
+    # before anything is written to the store.
+    check_models(config.models)
     store = CampaignStore(store_uri)
     probe = f"preflight/{uuid.uuid4().hex}"
     store.store.put_bytes(probe, b"ok")  # credentials, bucket and write access in one go
     store.store.delete(probe)
-    base = SafetensorsFolder(config.models.base)
-    check_compatible(
-        base, {f"expert {s!r}": SafetensorsFolder(p) for s, p in config.models.experts.items()}
-    )
     store.check_config(config)
     lease = store.read_lease()
     if lease is not None and lease.owner != owner and lease.is_live():

@@ -95,6 +95,7 @@ def default_config(models: dict, name: str = "tiny", generations: int = 12) -> d
         "skills": [{"name": s, "bc_min": 0.0, "bc_max": 1.0, "bins": 15} for s in SKILLS],
         "models": models,
         "mutation": {"kind": "svd_expert", "rate": 0.1},
+        "evaluation": {"scorer": "probe"},
     }
 
 

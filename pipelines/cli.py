@@ -23,6 +23,9 @@ def _options(args: argparse.Namespace):
         generations_per_run=args.generations_per_run,
         parallelism=args.parallelism,
         s3_secret=args.s3_secret,
+        models_pvc=args.models_pvc,
+        models_mount_path=args.models_mount_path,
+        model_cache_size=args.model_cache_size,
     )
 
 
@@ -63,7 +66,10 @@ def _run_local(args: argparse.Namespace) -> int:
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-local")
     )
-    pipeline = build_pipeline(PipelineOptions(generations_per_run=remaining, parallelism=1))
+    # No model cache volume: kfp.local would point the tasks at the pods' cache path; here
+    # s3:// models are copied into this user's cache (cycleqd.model_sources.cache_root).
+    options = PipelineOptions(generations_per_run=remaining, parallelism=1, model_cache_size="")
+    pipeline = build_pipeline(options)
     log_path = workdir / "kfp-local.log"
     print(f"task logs: {log_path}", flush=True)
     with contextlib.ExitStack() as stack:
@@ -258,6 +264,24 @@ def _add_commands(sub) -> None:
         )
         parser.add_argument(
             "--s3-secret", default="cycleqd-s3", help="Kubernetes secret with the S3 credentials"
+        )
+        parser.add_argument(
+            "--models-pvc",
+            default="",
+            help="PersistentVolumeClaim holding the base and experts, mounted into the tasks "
+            "that read weights (preflight, seed, evaluate, export); the config names them by "
+            "path under --models-mount-path. Default: none (models on s3://)",
+        )
+        parser.add_argument(
+            "--models-mount-path",
+            default="/models",
+            help="where --models-pvc is mounted (default /models)",
+        )
+        parser.add_argument(
+            "--model-cache-size",
+            default="100Gi",
+            help="emptyDir for each pod's copies of s3:// models (seed, evaluate, export); "
+            "'' for none (default 100Gi)",
         )
 
     compile_ = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")

@@ -13,6 +13,11 @@ Parameters (grouped by stage):
     campaign_store_uri  where the campaign lives: s3://bucket/prefix (credentials from the
                         Kubernetes secret named at compile time, never in this YAML)
     tracking_uri        MLflow tracking URI; empty: no tracking
+
+Models (the config's `models.base` and `models.experts`) are s3:// URIs, read with the same
+secret as the store and copied once per pod into an emptyDir cache, or paths in a
+PersistentVolumeClaim mounted at compile time (`PipelineOptions.models_pvc`). Only the tasks
+that read weights get them: preflight (headers only), seed, evaluate, export.
 """
 
 # No `from __future__ import annotations` here: KFP reads the pipelines' annotations as types.
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from cycleqd.model_sources import CACHE_ENV as MODEL_CACHE_ENV
 from cycleqd_kfp.components.breed.component import breed
 from cycleqd_kfp.components.commit.component import commit
 from cycleqd_kfp.components.evaluate.component import evaluate
@@ -32,6 +38,7 @@ from cycleqd_kfp.components.seed.component import seed
 
 COMPILED = Path(__file__).with_name("cycleqd_pipeline.yaml")
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+MODEL_CACHE_PATH = "/var/cache/cycleqd/models"
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,20 @@ class PipelineOptions:
     evaluation_cpu: str = "8"
     shared_memory: str = "16Gi"
     evaluation_retries: int = 2
+    # A PersistentVolumeClaim holding the base and experts, mounted at `models_mount_path` in
+    # the tasks that read weights (preflight, seed, evaluate, export) and in no other; the
+    # config then names them by path (models.base: /models/llama-3-8b). Empty: no volume
+    # (models on s3://). Not read-only: kfp-kubernetes 2.17's PvcMount has no readOnly field
+    # (mount_path, sub_path, the claim only). Nothing in these tasks writes there (models are
+    # opened for reading; the model cache is its own volume); to have Kubernetes enforce it,
+    # bind the claim to a PersistentVolume whose source is read-only (nfs/csi `readOnly`).
+    models_pvc: str = ""
+    models_mount_path: str = "/models"
+    # Room for this pod's copies of s3:// models (an emptyDir at MODEL_CACHE_PATH, named by
+    # $CYCLEQD_MODEL_CACHE) in seed, evaluate and export: base + experts, plus their task
+    # vectors' factors (four 8B models in bfloat16: 64 GB). Empty: no cache volume (copies
+    # go to the container's own disk).
+    model_cache_size: str = "100Gi"
 
 
 def _with_s3_secret(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
@@ -79,6 +100,27 @@ def _on_gpu(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTas
     return _with_s3_secret(task, options)
 
 
+def _reads_models(
+    task: dsl.PipelineTask, options: PipelineOptions, copies: bool = True
+) -> dsl.PipelineTask:
+    """A task that reads the base and experts: the models' volume if there is one, and
+    (`copies`: it reads weights, not only headers) the cache for s3:// models' copies."""
+    if options.models_pvc:
+        # No read-only flag exists here (see PipelineOptions.models_pvc).
+        kubernetes.mount_pvc(
+            task, pvc_name=options.models_pvc, mount_path=options.models_mount_path
+        )
+    if copies and options.model_cache_size:
+        kubernetes.empty_dir_mount(
+            task,
+            volume_name="model-cache",
+            mount_path=MODEL_CACHE_PATH,
+            size_limit=options.model_cache_size,
+        )
+        task.set_env_variable(MODEL_CACHE_ENV, MODEL_CACHE_PATH)
+    return task
+
+
 def build_pipeline(options: PipelineOptions = PipelineOptions()):
     @dsl.pipeline(name="cycleqd-generation", description="Breed, evaluate, commit one generation.")
     def generation(
@@ -94,11 +136,14 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
             options,
         ).set_display_name("breed")
         with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_ids:
-            scored = _on_gpu(
-                evaluate(
-                    campaign_config=campaign_config,
-                    store_uri=campaign_store_uri,
-                    genome_ids=genome_ids,
+            scored = _reads_models(
+                _on_gpu(
+                    evaluate(
+                        campaign_config=campaign_config,
+                        store_uri=campaign_store_uri,
+                        genome_ids=genome_ids,
+                    ),
+                    options,
                 ),
                 options,
             ).set_display_name("evaluate children")
@@ -125,22 +170,29 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
             release(store_uri=campaign_store_uri, run_owner=run_owner), options
         ).set_display_name("release campaign")
         with dsl.ExitHandler(give_back, name="campaign"):
-            checked = _with_s3_secret(
-                preflight(
-                    campaign_config=campaign_config,
-                    store_uri=campaign_store_uri,
-                    tracking_uri=tracking_uri,
-                    run_owner=run_owner,
-                ),
-                options,
-            ).set_display_name("preflight")
-            previous = (
-                _on_gpu(
-                    seed(
+            checked = _reads_models(
+                _with_s3_secret(
+                    preflight(
                         campaign_config=campaign_config,
                         store_uri=campaign_store_uri,
                         tracking_uri=tracking_uri,
                         run_owner=run_owner,
+                    ),
+                    options,
+                ),
+                options,
+                copies=False,  # headers and config.json only
+            ).set_display_name("preflight")
+            previous = (
+                _reads_models(
+                    _on_gpu(
+                        seed(
+                            campaign_config=campaign_config,
+                            store_uri=campaign_store_uri,
+                            tracking_uri=tracking_uri,
+                            run_owner=run_owner,
+                        ),
+                        options,
                     ),
                     options,
                 )
@@ -159,12 +211,15 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                     .set_caching_options(False)
                     .after(previous)
                 )
-            _on_gpu(
-                export(
-                    campaign_config=campaign_config,
-                    store_uri=campaign_store_uri,
-                    tracking_uri=tracking_uri,
-                    run_owner=run_owner,
+            _reads_models(
+                _on_gpu(
+                    export(
+                        campaign_config=campaign_config,
+                        store_uri=campaign_store_uri,
+                        tracking_uri=tracking_uri,
+                        run_owner=run_owner,
+                    ),
+                    options,
                 ),
                 options,
             ).set_display_name("export final model").after(previous)

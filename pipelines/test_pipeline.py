@@ -83,3 +83,60 @@ def test_generations_are_unrolled_and_stateful_tasks_never_cached():
 
 # The pipeline's end-to-end runs through kfp.local (real S3 and MLflow, a killed run that
 # resumes) are in tests/integration/test_pipeline_local.py.
+
+
+WEIGHT_TASKS = {"preflight", "seed", "evaluate", "export"}
+OTHER_TASKS = {"breed", "commit", "release"}
+
+
+def _task(executor: str) -> str:
+    """exec-evaluate-3 (the third unrolled generation's) -> evaluate."""
+    return executor.removeprefix("exec-").rstrip("0123456789").rstrip("-")
+
+
+def test_models_volume_is_mounted_only_where_weights_are_read(tmp_path):
+    compiled = compile_pipeline(
+        tmp_path / "pvc.yaml", PipelineOptions(models_pvc="models", models_mount_path="/m")
+    )
+    spec, platform = _documents(compiled)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {_task(name) for name in executors} == WEIGHT_TASKS | OTHER_TASKS
+    for name, config in executors.items():
+        mounts = config.get("pvcMount", [])
+        if _task(name) in WEIGHT_TASKS:
+            (mount,) = mounts
+            assert mount["mountPath"] == "/m"
+            assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "models"
+        else:
+            assert mounts == [], f"{name} mounts the models' volume but reads no weights"
+    # The model cache: where weights are copied (not preflight, which reads headers only).
+    for name, config in executors.items():
+        caches = [m for m in config.get("emptyDirMounts", []) if m["volumeName"] == "model-cache"]
+        env = spec["deploymentSpec"]["executors"][name]["container"].get("env", [])
+        cache_env = [e for e in env if e["name"] == "CYCLEQD_MODEL_CACHE"]
+        if _task(name) in WEIGHT_TASKS - {"preflight"}:
+            assert caches[0]["sizeLimit"] == "100Gi"
+            assert cache_env == [{"name": "CYCLEQD_MODEL_CACHE", "value": caches[0]["mountPath"]}]
+        else:
+            assert caches == [] and cache_env == [], name
+
+
+def test_no_models_volume_by_default():
+    _, platform = _documents(COMPILED)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all("pvcMount" not in config for config in executors.values())
+
+
+def test_compile_flags_set_the_models_volume(tmp_path, capsys):
+    from cycleqd_kfp.pipelines.cli import main
+
+    out = tmp_path / "p.yaml"
+    argv = ["compile", "--output", str(out), "--models-pvc", "llms", "--models-mount-path", "/m"]
+    assert main([*argv, "--model-cache-size", "20Gi"]) == 0
+    _, platform = _documents(out)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    (mount,) = executors["exec-seed"]["pvcMount"]
+    assert mount["mountPath"] == "/m"
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "llms"
+    cache = executors["exec-seed"]["emptyDirMounts"][-1]
+    assert (cache["volumeName"], cache["sizeLimit"]) == ("model-cache", "20Gi")

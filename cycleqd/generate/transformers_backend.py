@@ -51,6 +51,8 @@ class TransformersBackend:
     Sampling with temperature > 0 draws from a generator seeded with `seed` at every call.
     """
 
+    weights_from = "tensors"  # new weights: `load_weights`, or written into `weight_buffers`
+
     def __init__(
         self,
         model,

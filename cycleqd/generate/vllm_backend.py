@@ -32,7 +32,7 @@ from cycleqd.generate.vllm_worker import WORKER_EXTENSION, genome_request
 
 
 class VLLMBackend:
-    """A `ChatBackend` over a warm `vllm.LLM`, with in-place weight swaps.
+    """A `ChatBackend` over a warm `vllm.LLM`, with in-place weight swaps (`swap`).
 
     `model` is a local folder or, with `load_format="runai_streamer"` (the default for
     `s3://` URIs), an S3 prefix streamed straight to the GPU on the first load; for an
@@ -40,6 +40,8 @@ class VLLMBackend:
     the usual AWS credentials in the environment. `enable_sleep_mode` lets `sleep()` hand the
     GPU memory back between evaluations without losing the engine.
     """
+
+    weights_from = "requests"  # new weights arrive as swap requests, never as tensors
 
     def __init__(
         self,
@@ -101,14 +103,16 @@ class VLLMBackend:
 
     def swap_folder(self, folder: str) -> int:
         """Load a local safetensors folder (same architecture) into the warm engine."""
-        return self._swap({"kind": "safetensors", "path": str(folder)})
+        return self.swap({"kind": "safetensors", "path": str(folder)})
 
     def swap_genome(self, book, genome_id: str, folders: dict[str, str]) -> int:
         """Build a genome's weights inside each worker, on its GPU, from the base and the
         experts (and stored elites) in `folders` (genome id -> local folder)."""
-        return self._swap(genome_request(book, genome_id, folders, dtype=self.dtype))
+        return self.swap(genome_request(book, genome_id, folders, dtype=self.dtype))
 
-    def _swap(self, request: dict) -> int:
+    def swap(self, request: dict) -> int:
+        """Run a swap request (see `vllm_worker`) on every worker, then reset the prefix
+        cache; returns the number of tensors loaded per worker."""
         if self.sleeping:
             raise RuntimeError("wake_up() the engine before swapping weights")
         counts = self.llm.collective_rpc("swap_weights", args=(request,))

@@ -437,7 +437,14 @@ class CodingSkill:
     # -- scoring ----------------------------------------------------------------------------
     def score_reply(self, task: MbppTask, reply: str) -> SampleResult:
         """Score one model reply (never raises for anything the model wrote)."""
-        detail: dict[str, Any] = {"reply": reply if isinstance(reply, str) else repr(reply)}
+        reply = reply if isinstance(reply, str) else repr(reply)
+        detail: dict[str, Any] = {
+            "reply": reply,
+            "transcript": [
+                {"role": "user", "content": build_instruction(task, self.response_hint)},
+                {"role": "assistant", "content": reply},
+            ],
+        }
         ref = self.reference()[task.task_id]
         if ref.error:
             detail["error"] = f"reference unavailable: {ref.error}"

@@ -442,7 +442,9 @@ class OSSkill:
                         "answer": ep.answer,
                         "error": ep.error,
                         "rounds": ep.rounds,
-                        "transcript": ep.messages[(len(ONE_SHOT) + 1 if self.one_shot else 1) :],
+                        # From the task's own question on (the shared prompt and one-shot
+                        # example before it are the same in every episode).
+                        "transcript": ep.messages[(len(ONE_SHOT) if self.one_shot else 0) :],
                         "log": ep.log,
                     },
                 )

@@ -35,31 +35,36 @@ def _campaign_with(world, evaluator, root, skill, folder) -> Campaign:
     return Campaign(config, CampaignStore(root / "campaign"), evaluator)
 
 
+def _seed_with(world, evaluator, root, skill, folder) -> None:
+    """Models are opened (and checked) where weights are first used: seeding, here."""
+    _campaign_with(world, evaluator, root, skill, folder).seed()
+
+
 def test_expert_with_other_shape(tiny_world, probe_evaluator, tmp_path):
     folder = _copy_expert(tiny_world, "probe_b", tmp_path / "bad")
     name = "model.layers.0.mlp.up_proj.weight"
     _edit(folder, lambda t: t.update({name: torch.zeros(8, 8)}))
     with pytest.raises(ModelMismatchError, match=r"expert 'probe_b'.*up_proj.*\[8, 8\]"):
-        _campaign_with(tiny_world, probe_evaluator, tmp_path, "probe_b", folder)
+        _seed_with(tiny_world, probe_evaluator, tmp_path, "probe_b", folder)
 
 
 def test_expert_with_missing_tensor(tiny_world, probe_evaluator, tmp_path):
     folder = _copy_expert(tiny_world, "probe_c", tmp_path / "bad")
     _edit(folder, lambda t: t.pop("lm_head.weight"))
     with pytest.raises(ModelMismatchError, match=r"probe_c.*missing \['lm_head.weight'\]"):
-        _campaign_with(tiny_world, probe_evaluator, tmp_path, "probe_c", folder)
+        _seed_with(tiny_world, probe_evaluator, tmp_path, "probe_c", folder)
 
 
 def test_expert_of_another_architecture(tiny_world, probe_evaluator, tmp_path):
     other = tiny.build_base(tmp_path / "other", tiny.llama_config(hidden=32, intermediate=64))
     with pytest.raises(ModelMismatchError, match=r"hidden_size=32.*base has 64"):
-        _campaign_with(tiny_world, probe_evaluator, tmp_path, "probe_a", str(other))
+        _seed_with(tiny_world, probe_evaluator, tmp_path, "probe_a", str(other))
 
 
 def test_folder_without_weights(tiny_world, probe_evaluator, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingTensorError, match=r"no \*\.safetensors files"):
-        _campaign_with(tiny_world, probe_evaluator, tmp_path, "probe_a", str(tmp_path / "empty"))
+        _seed_with(tiny_world, probe_evaluator, tmp_path, "probe_a", str(tmp_path / "empty"))
 
 
 def test_expert_with_nan_is_refused_at_seeding(tiny_world, probe_evaluator, tmp_path):

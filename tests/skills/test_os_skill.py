@@ -205,7 +205,8 @@ def test_right_answers_score_one_and_rounds_are_batched():
     # one generate call per round, with every episode still open
     assert backend.calls == [[0, 1, 2, 3], [0, 1, 2, 3]]
     transcript = result.samples[3].detail["transcript"]
-    assert transcript[1]["content"] == OUTPUT_PREFIX + "alice\n41"
+    assert transcript[0]["role"] == "user" and "owns /srv/report" in transcript[0]["content"]
+    assert transcript[2]["content"] == OUTPUT_PREFIX + "alice\n41"
     assert result.samples[1].detail["answer"] == "yes"
 
 
@@ -251,8 +252,8 @@ def test_round_limit_and_shell_state_across_turns():
     sample = result.samples[1]  # the start script set var=10
     assert sample.detail["rounds"] == 5 and sample.detail["answer"] == ""
     outputs = [m["content"] for m in sample.detail["transcript"] if m["role"] == "user"]
-    assert outputs[1] == OUTPUT_PREFIX + "/tmp 5 6 fn 10\n"
-    assert outputs[3] == OUTPUT_PREFIX + "/tmp 0\n"
+    assert outputs[2] == OUTPUT_PREFIX + "/tmp 5 6 fn 10\n"
+    assert outputs[4] == OUTPUT_PREFIX + "/tmp 0\n"
 
 
 @needs_sandbox

@@ -12,7 +12,8 @@ from cycleqd.cli import main
 from cycleqd.config import parse_config
 from cycleqd.errors import ConfigError
 from cycleqd.evaluators import LazyEvaluator, build_evaluator
-from cycleqd.skills.tiny import FAMILIES, TinyWorldEvaluator
+from cycleqd.skills.evaluator import SkillsEvaluator
+from cycleqd.skills.tiny import FAMILIES, TinySkill
 from cycleqd.skills.tiny.train import ModelShape, TrainConfig, WorldConfig, build_world
 from cycleqd.skills.tiny.train import campaign_config as tiny_campaign_config
 
@@ -63,15 +64,16 @@ def test_experts_trained_in_parallel_processes_equal_sequential_ones(tmp_path):
 def test_config_names_the_tiny_world(mini_world):
     config = parse_config(tiny_campaign_config(mini_world, samples=5))
     assert Path(config.models.base).is_absolute()  # usable from any working directory
-    assert config.evaluation.world == "tiny" and config.evaluation.samples == 5
+    assert config.evaluation.scorer == "skills" and config.evaluation.backend.batch_size == 64
+    assert [s.samples for s in config.skills] == [5, 5, 5]
     assert config.skill_names == list(FAMILIES)
 
 
-def test_tiny_world_refuses_skills_it_does_not_have(mini_world):
+def test_tiny_world_options_belong_to_tiny_skills(mini_world):
     data = tiny_campaign_config(mini_world)
-    data["skills"][0]["name"] = "coding"
+    data["skills"][0]["name"] = "coding"  # keeps the tiny skill's `samples`
     data["models"]["experts"]["coding"] = data["models"]["experts"].pop("tiny_code")
-    with pytest.raises(ConfigError, match=r"\['coding'\] are not skills of the tiny world"):
+    with pytest.raises(ConfigError, match=r"samples is an option of: tiny_code, tiny_sql"):
         parse_config(data)
 
 
@@ -83,7 +85,8 @@ def test_evaluator_is_built_on_first_use_and_is_deterministic(mini_world):
     assert isinstance(evaluator, LazyEvaluator) and evaluator._evaluator is None
     state = state_of(mini_world["experts"]["tiny_sql"])
     first = evaluator.evaluate("sql", state.items())
-    assert isinstance(evaluator.evaluator, TinyWorldEvaluator)
+    assert isinstance(evaluator.evaluator, SkillsEvaluator)
+    assert [type(s) for s in evaluator.evaluator.skills] == [TinySkill] * 3
     assert set(first) == set(FAMILIES) and all(0.0 <= v <= 1.0 for v in first.values())
     assert all(len(r.samples) == 3 for r in evaluator.evaluator.last_results.values())
     assert evaluator.evaluate("sql", state.items()) == first

@@ -83,12 +83,15 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "again.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
-    assert yaml.safe_load(config.to_yaml())["skills"][0] == {
+    coding = yaml.safe_load(config.to_yaml())["skills"][0]
+    assert {k: coding[k] for k in ("name", "bc_min", "bc_max", "bins")} == {
         "name": "coding",
         "bc_min": 0.0,
         "bc_max": 0.75,
         "bins": 15,
     }
+    # every option of the skill is stored with the campaign, defaults included
+    assert coding["inputs"] == "base" and coding["max_new_tokens"] == 512
 
 
 def test_unknown_skill_in_experts_names_the_allowed_skills() -> None:

@@ -1,4 +1,4 @@
-"""The tiny world's skills (`TinySkill`) and the campaign evaluator over them
+"""The tiny world's skills (`TinySkill`) and a `SkillsEvaluator` over the three of them
 (`TinyWorldEvaluator`).
 
 A reply is read as one line: the first non-empty line of its first fenced block
@@ -11,11 +11,12 @@ different result scores 0; nothing a reply does can raise out of `evaluate`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cycleqd.generate.base import ChatBackend, SamplingParams
 from cycleqd.skills.base import SampleResult, SkillResult
+from cycleqd.skills.evaluator import SkillsEvaluator
 from cycleqd.skills.tiny._harness import values_equal
 from cycleqd.skills.tiny.execute import (
     TinyExecutor,
@@ -183,12 +184,11 @@ def _judge(
     return got == sample.expected, detail
 
 
-class TinyWorldEvaluator:
-    """The campaign's `Evaluator` over the tiny world: one warm `TransformersBackend`, weights
-    swapped in per genome with `backend.load_weights`, the three skills scored on them.
+class TinyWorldEvaluator(SkillsEvaluator):
+    """The tiny world's three skills over one warm `TransformersBackend` (float32, CPU): a
+    `SkillsEvaluator` built from a model folder, for the world's trainer and tests.
 
     `model`: a model folder (HF layout with tokenizer), or a ready `TransformersBackend`.
-    `last_results` holds the full `SkillResult`s of the last evaluated genome.
     """
 
     def __init__(
@@ -204,37 +204,19 @@ class TinyWorldEvaluator:
     ) -> None:
         from cycleqd.generate.transformers_backend import TransformersBackend
 
-        if isinstance(model, TransformersBackend):
-            self.backend = model
-        else:
-            self.backend = TransformersBackend.from_pretrained(
+        if not isinstance(model, TransformersBackend):
+            model = TransformersBackend.from_pretrained(
                 model, dtype="float32", device="cpu", batch_size=batch_size
             )
-        self.skills = [
-            TinySkill(f, n_samples, seed=seed, level=level, max_new_tokens=max_new_tokens)
+        skills = [
+            TinySkill(
+                f,
+                n_samples,
+                seed=seed,
+                level=level,
+                max_new_tokens=max_new_tokens,
+                executor=executor,
+            )
             for f in families
         ]
-        self.executor_kind = executor
-        self.last_genome: str | None = None
-        self.last_results: dict[str, SkillResult] = {}
-
-    @property
-    def skill_names(self) -> list[str]:
-        return [s.name for s in self.skills]
-
-    def weight_buffers(self) -> dict[str, Any]:
-        """The warm model's tensors: the campaign materialises children straight into them."""
-        return self.backend.weight_buffers()
-
-    def evaluate(self, genome_id: str, tensors: Iterable[tuple[str, Any]]) -> dict[str, float]:
-        self.backend.load_weights(tensors)
-        return self.evaluate_loaded(genome_id)
-
-    def evaluate_loaded(self, genome_id: str = "current") -> dict[str, float]:
-        """Score the weights the backend holds now."""
-        results: dict[str, SkillResult] = {}
-        with open_executor(self.executor_kind) as executor:
-            for skill in self.skills:
-                results[skill.name] = skill.evaluate(self.backend, executor=executor)
-        self.last_genome, self.last_results = genome_id, results
-        return {name: r.quality for name, r in results.items()}
+        super().__init__(model, skills)

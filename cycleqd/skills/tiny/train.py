@@ -429,10 +429,13 @@ def campaign_config(
         "seed": 0,
         "generations": generations,
         "population": population,
-        "skills": [{"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15} for f in FAMILIES],
+        "skills": [
+            {"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15, "samples": samples, "seed": 1}
+            for f in FAMILIES
+        ],
         "models": {"base": models["base"], "experts": dict(models["experts"])},
         "mutation": {"kind": "svd_expert", "rate": 0.3},
-        "evaluation": {"world": "tiny", "samples": samples, "seed": 1, "level": 2},
+        "evaluation": {"backend": {"kind": "transformers", "device": "cpu", "batch_size": 64}},
         "final": {"method": "best_mean"},
     }
 
