@@ -28,6 +28,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from cycleqd.model_sources import CACHE_ENV as MODEL_CACHE_ENV
+from cycleqd.skills.registry import DB_PASSWORD_ENV
 from cycleqd_kfp.components.breed.component import breed
 from cycleqd_kfp.components.commit.component import commit
 from cycleqd_kfp.components.evaluate.component import evaluate
@@ -70,6 +71,9 @@ class PipelineOptions:
     # vectors' factors (four 8B models in bfloat16: 64 GB). Empty: no cache volume (copies
     # go to the container's own disk).
     model_cache_size: str = "100Gi"
+    # The `db` skill's database password ($CYCLEQD_DB_PASSWORD, key of the same name), for
+    # the tasks that score skills (preflight checks the server): never part of the config.
+    db_secret: str = "cycleqd-db"
 
 
 def _with_s3_secret(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
@@ -103,8 +107,15 @@ def _on_gpu(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTas
 def _reads_models(
     task: dsl.PipelineTask, options: PipelineOptions, copies: bool = True
 ) -> dsl.PipelineTask:
-    """A task that reads the base and experts: the models' volume if there is one, and
-    (`copies`: it reads weights, not only headers) the cache for s3:// models' copies."""
+    """A task that reads the base and experts and scores skills: the models' volume if there
+    is one, (`copies`: it reads weights, not only headers) the cache for s3:// models' copies,
+    and the database password of the `db` skill (optional: campaigns without it)."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=options.db_secret,
+        secret_key_to_env={DB_PASSWORD_ENV: DB_PASSWORD_ENV},
+        optional=True,
+    )
     if options.models_pvc:
         # No read-only flag exists here (see PipelineOptions.models_pvc).
         kubernetes.mount_pvc(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Any
 
 from cycleqd.errors import CycleQDError
@@ -28,7 +29,7 @@ def evaluates_here() -> bool:
 def check_backend(config: Any) -> None:
     """Raise BackendUnavailableError when `config` (evaluation.backend) cannot run here."""
     if config.kind == "vllm":
-        if importlib.util.find_spec("vllm") is None:
+        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
             raise BackendUnavailableError(
                 "evaluation.backend.kind is 'vllm', but vLLM is not installed here: run the "
                 "evaluation on the vLLM evaluator image (images/Dockerfile.evaluator; on a laptop "

@@ -338,3 +338,56 @@ def test_s3_models_stream_with_runai(fake_vllm, monkeypatch):
     monkeypatch.setattr(fake_vllm.vllm, "LLM", lambda **kw: seen.update(kw))
     fake_vllm.VLLMBackend("s3://models/base", enable_sleep_mode=True)
     assert seen["load_format"] == "runai_streamer" and seen["enable_sleep_mode"] is True
+
+
+def test_a_campaign_config_asking_for_vllm_gets_it_and_swaps_by_recipe(fake_vllm, world, tmp_path):
+    """`evaluation.backend.kind: vllm` builds VLLMBackend with the config's engine settings,
+    and the campaign hands it every model (experts and children) as a swap request: no
+    tensor is materialised in the campaign's process."""
+    from cycleqd.campaign import Campaign
+    from cycleqd.config import parse_config
+    from cycleqd.evaluators import build_evaluator
+    from cycleqd.state import CampaignStore
+
+    base = str(world["base"])
+    experts = [world["book"][g].source for g in world["book"].expert_ids().values()]
+    config = parse_config(
+        {
+            "name": "vllm-config",
+            "generations": 2,
+            "dtype": "float32",
+            "skills": [
+                {"name": "tiny_code", "samples": 2, "max_new_tokens": 8},
+                {"name": "tiny_sql", "samples": 2, "max_new_tokens": 8},
+            ],
+            "models": {"base": base, "experts": {"tiny_code": experts[0], "tiny_sql": experts[1]}},
+            "mutation": {"kind": "svd_expert", "rate": 0.2},
+            "evaluation": {
+                "backend": {
+                    "kind": "vllm",
+                    "tensor_parallel_size": 2,
+                    "gpu_memory_utilization": 0.5,
+                    "max_model_len": 2048,
+                    "enforce_eager": True,
+                }
+            },
+        }
+    )
+    evaluator = build_evaluator(config)
+    with Campaign(config, CampaignStore(tmp_path / "store"), evaluator) as campaign:
+        campaign.run()
+    llm = evaluator.evaluator.backend.llm
+    assert {k: llm.kwargs[k] for k in ("tensor_parallel_size", "gpu_memory_utilization")} == {
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.5,
+    }
+    assert llm.kwargs["max_model_len"] == 2048 and llm.kwargs["enforce_eager"] is True
+    assert llm.kwargs["dtype"] == "float32" and llm.kwargs["model"] == base
+    swaps = [c for c in llm.calls if c == "swap_weights"]
+    assert len(swaps) == 2 + 2  # two experts, two children
+    # every swap is followed by a prefix-cache reset before anything is generated
+    for i, call in enumerate(llm.calls):
+        if call == "swap_weights":
+            assert llm.calls[i + 1] == "reset_prefix_cache"
+    assert campaign.generation == 2
+    assert campaign.read_samples(campaign.book.expert_ids()["tiny_sql"])["tiny_sql"]["samples"]

@@ -16,6 +16,8 @@ from cycleqd.config import parse_config
 from cycleqd.errors import MissingTensorError, ModelMismatchError, NonFiniteWeightsError
 from cycleqd.state import CampaignStore
 
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
 
 def _copy_expert(world: dict, skill: str, dest) -> str:
     shutil.copytree(world["experts"][skill], dest)
@@ -104,3 +106,74 @@ def test_cli_reports_unknown_skill(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "models.experts: unknown skill(s) ['chess']" in err
     assert "'probe_a', 'probe_b', 'probe_c'" in err
+
+
+# -- the real skills: what preflight refuses before anything is written ---------------------------
+
+
+def _real_config(world: dict, **overrides) -> dict:
+    names = ("coding", "db", "os")
+    return {
+        "name": "real",
+        "skills": [{"name": n, "limit": 1} for n in names],
+        "models": {
+            "base": world["base"],
+            "experts": dict(zip(names, world["experts"].values(), strict=True)),
+        },
+        **overrides,
+    }
+
+
+def _preflight_fails(config: dict, store, match: str) -> str:
+    from cycleqd import steps
+    from cycleqd.errors import CycleQDError
+
+    with pytest.raises(CycleQDError, match=match) as info:
+        steps.preflight(yaml.safe_dump(config), str(store))
+    assert not store.exists() or not any(store.rglob("*")), "preflight wrote to the store"
+    return str(info.value)
+
+
+def test_vllm_where_vllm_is_not_installed(tiny_world, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    config = _real_config(tiny_world, evaluation={"backend": {"kind": "vllm"}})
+    message = _preflight_fails(config, tmp_path / "store", "vLLM is not installed here")
+    assert "evaluator image" in message and "kind to 'transformers'" in message
+
+
+def test_cuda_where_torch_sees_no_gpu(tiny_world, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    config = _real_config(tiny_world, evaluation={"backend": {"device": "cuda"}})
+    _preflight_fails(config, tmp_path / "store", r"device is 'cuda', but torch sees no GPU")
+
+
+def test_missing_data_set_and_dead_database(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.delenv("CYCLEQD_DATA", raising=False)
+    config = _real_config(tiny_world)
+    _preflight_fails(config, tmp_path / "store", r"no data location given.*CYCLEQD_DATA")
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    config["skills"][1]["url"] = "mysql://root@127.0.0.1:9"  # nothing listens there
+    _preflight_fails(config, tmp_path / "store", r"skills.db.url: cannot use the database server")
+
+
+def test_real_skills_refuse_to_run_without_a_sandbox(tiny_world, tmp_path, monkeypatch):
+    """Model output never runs outside the sandbox: with none available, the evaluator is not
+    built (preflight says how to get one) and nothing is generated."""
+    from cycleqd.evaluators import build_evaluator
+    from cycleqd.sandbox import SandboxUnavailableError
+
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    monkeypatch.setenv("CYCLEQD_SANDBOX", "docker")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    config = _real_config(tiny_world, skills=[{"name": "coding"}, {"name": "tiny_sql"}])
+    config["models"]["experts"] = {"coding": tiny_world["experts"]["probe_a"],
+                                   "tiny_sql": tiny_world["experts"]["probe_b"]}  # fmt: skip
+    _preflight_fails(config, tmp_path / "store", "no Docker daemon is reachable")
+    with pytest.raises(SandboxUnavailableError, match="Docker"):
+        build_evaluator(parse_config(config)).evaluate("x", iter(()))

@@ -68,7 +68,7 @@ class ForkServer:
 def _config_text(world: dict) -> str:
     config = tiny.default_config(world, name="crash", generations=GENERATIONS)
     config.update(population=2, mutation={"kind": "svd", "w_max": 1.5})
-    config["evaluation"] = {"world": "probe", "probe_prompts": 16}
+    config["evaluation"] = {"scorer": "probe", "probe_prompts": 16}
     return yaml.safe_dump(config)
 
 

@@ -41,7 +41,7 @@ SECTION = "Service faults"
 def _config_text(world: dict, generations: int = 3, **overrides) -> str:
     config = tiny.default_config(world, name="faults", generations=generations)
     config.update(population=2, mutation={"kind": "svd", "w_max": 1.5})
-    config["evaluation"] = {"world": "probe", "probe_prompts": 16}
+    config["evaluation"] = {"scorer": "probe", "probe_prompts": 16}
     config.update(overrides)
     return yaml.safe_dump(config)
 
