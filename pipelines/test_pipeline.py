@@ -63,8 +63,11 @@ def test_credentials_come_from_a_kubernetes_secret_never_the_yaml():
         "exec-preflight",
         "exec-release",
     ):
-        (secret,) = executors[name]["secretAsEnv"]
-        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "cycleqd-s3"
+        (secret,) = [
+            s
+            for s in executors[name]["secretAsEnv"]
+            if s["secretNameParameter"]["runtimeValue"]["constant"] == "cycleqd-s3"
+        ]
         assert {m["envVar"] for m in secret["keyToEnv"]} == set(S3_ENV)
     text = COMPILED.read_text()
     for leaked in ("aws_secret_access_key=", "AKIA", "password"):
@@ -140,3 +143,22 @@ def test_compile_flags_set_the_models_volume(tmp_path, capsys):
     assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "llms"
     cache = executors["exec-seed"]["emptyDirMounts"][-1]
     assert (cache["volumeName"], cache["sizeLimit"]) == ("model-cache", "20Gi")
+
+
+def test_database_password_only_where_skills_are_scored():
+    """The db skill's password (secret cycleqd-db, optional) reaches preflight, seed, evaluate
+    and export, never the tasks that score nothing."""
+    _, platform = _documents(COMPILED)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, config in executors.items():
+        secrets = [
+            s for s in config.get("secretAsEnv", []) if s.get("secretName") == "cycleqd-db"
+        ]
+        if _task(name) in WEIGHT_TASKS:
+            (secret,) = secrets
+            assert secret["optional"] is True
+            assert secret["keyToEnv"] == [
+                {"secretKey": "CYCLEQD_DB_PASSWORD", "envVar": "CYCLEQD_DB_PASSWORD"}
+            ]
+        else:
+            assert secrets == [], name
