@@ -323,14 +323,16 @@ class Campaign:
             self.timings["evaluate_s"] += time.perf_counter() - started
             self.timings["models"] += 1
 
-    def _keep_samples(self, genome_id: str) -> None:
-        """Store the per-sample details of the evaluation just done (see `Evaluator`)."""
-        if not self.config.evaluation.transcripts:
-            return
+    def _keep_samples(self, genome_id: str) -> dict[str, float]:
+        """Store the per-sample details of the evaluation just done (see `Evaluator`); returns
+        the reported qualities (HumanEval retention) that are no score."""
         offer = getattr(self.evaluator, "samples", None)
         samples = offer(genome_id) if offer is not None else None
-        if samples is not None:
+        if samples is None:
+            return {}
+        if self.config.evaluation.transcripts:
             self.store.put_json(f"transcripts/{genome_id}.json", samples)
+        return {name: r["quality"] for name, r in samples.items() if r.get("reported")}
 
     def read_samples(self, genome_id: str) -> dict | None:
         """A model's stored transcripts (see `_keep_samples`), or None."""
@@ -425,13 +427,14 @@ class Campaign:
         record = self.store.get_json(key)
         if record is None:
             scores = self.evaluate(genome_id)
-            if scores is not None:
-                self._keep_samples(genome_id)
+            reported = self._keep_samples(genome_id) if scores is not None else {}
             record = {
                 "genome_id": genome_id,
                 "scores": scores,
                 "sha256": self._written.pop(genome_id, None),
             }
+            if reported:
+                record["reported"] = reported
             self.store.put_json(key, record)
         return record
 

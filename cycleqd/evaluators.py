@@ -68,7 +68,8 @@ def check_skills_can_run(config: CampaignConfig) -> None:
     from cycleqd.skills.registry import REGISTRY
 
     check_backend(config.evaluation.backend)
-    if any(REGISTRY[s.name].needs_sandbox for s in config.skills if s.name in REGISTRY):
+    sandboxed = [s for s in config.skills if s.name in REGISTRY and REGISTRY[s.name].needs_sandbox]
+    if sandboxed or config.evaluation.humaneval:
         from cycleqd.sandbox import get_backend
 
         get_backend()  # raises SandboxUnavailableError saying how to get one; never falls back
@@ -108,7 +109,12 @@ def skills_evaluator(config: CampaignConfig, skills=None):
     backend = build_backend(
         backend_config, str(base_folder(config.models.base)), config.dtype, seed=config.seed
     )
-    return SkillsEvaluator(backend, built)
+    reports = []
+    if config.evaluation.humaneval:
+        from cycleqd.generate.retention import HumanEvalReport
+
+        reports.append(HumanEvalReport(config.evaluation.humaneval))
+    return SkillsEvaluator(backend, built, reports)
 
 
 def base_folder(location: str):

@@ -6,7 +6,8 @@ Keys under the campaign's store:
     generations/000012.json           archives + genomes after generation 12 (never rewritten;
                                       the last 20 and every 100th are kept)
     pending/000012.json               the children bred for generation 12 (their recipes)
-    evaluations/<genome id>.json      a child's scores: with pending/, a log of every child
+    evaluations/<genome id>.json      a child's scores (and `reported` ones, e.g. HumanEval, that
+                                      no archive sees): with pending/, a log of every child
     transcripts/<genome id>.json      every sample of a model's evaluation, per skill (replies,
                                       multi-turn transcripts, checker output); written before
                                       its evaluations/ record, read by `cycleqd inspect`
@@ -573,8 +574,14 @@ def _record_problem(key: str, value: object, config) -> str | None:
         return None
     match = _EVALUATION.match(key)
     if match:
-        if not isinstance(value, dict) or set(value) != {"genome_id", "scores", "sha256"}:
-            return "expected an object with genome_id, scores and sha256"
+        required = {"genome_id", "scores", "sha256"}
+        if not isinstance(value, dict) or not required <= set(value) <= {*required, "reported"}:
+            return "expected an object with genome_id, scores and sha256 (and reported)"
+        reported = value.get("reported", {})
+        if not isinstance(reported, dict) or not all(
+            type(v) in (int, float) for v in reported.values()
+        ):
+            return "reported must be a mapping of names to numbers"
         if value["genome_id"] != match.group(1):
             return f"it is the evaluation of {str(value['genome_id'])[:40]!r}"
         scores = value["scores"]

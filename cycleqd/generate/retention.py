@@ -5,15 +5,12 @@ with greedy decoding on the model and on the base model, each completion is exec
 the problem's tests, and the report gives pass@1 of both and their ratio (model / base): a
 ratio near 1 means the merge kept the base's general coding ability.
 
-Generated code runs in a child Python process with resource limits (CPU seconds, address
-space, file size, open files, no core dumps), an empty environment, a fresh temporary working
-directory, its own session (the whole process group is killed on timeout), and a wall-clock
-timeout per problem.
-TODO(sandbox): route execution through `cycleqd.sandbox` once it lands (another issue writes
-it; its draft has `run_python(code, limits=Limits(wall_time=...)) -> RunResult`): wrap it as
-an `Executor` (source, timeout) -> ExecutionResult, pass it as `executor=`, and make it the
-default here. A subprocess with rlimits bounds runaway code but does not isolate the network
-or the file system.
+Generated code runs in the project's sandbox (`sandbox_executor`: no network, no host files,
+time, memory and process limits), one fresh sandbox per problem. `run_python` (a child process
+with resource limits, an empty environment and its own session) remains for the stand-alone
+command on hosts without a sandbox: it bounds runaway code but isolates neither the network
+nor the file system, so campaigns never use it (`HumanEvalReport` takes the sandbox or refuses
+to start).
 """
 
 from __future__ import annotations
@@ -46,7 +43,7 @@ class ExecutionResult:
     output: str = ""  # the tail of stderr/stdout, for a person reading a failure
 
 
-# (program source, timeout in seconds) -> result. TODO(sandbox): cycleqd.sandbox's runner.
+# (program source, timeout in seconds) -> result: `sandbox_executor`, or `run_python`.
 Executor = Callable[[str, float], ExecutionResult]
 
 
@@ -185,6 +182,63 @@ def run_python(
         if proc.returncode == 0:
             return ExecutionResult(True, "passed", tail)
         return ExecutionResult(False, "failed", tail)
+
+
+_FROM_STDIN = (
+    "import sys\n"
+    "exec(compile(sys.stdin.buffer.read(), '<program>', 'exec'), {'__name__': '__main__'})\n"
+)
+
+
+def sandbox_executor(source: str, timeout: float = 10.0) -> ExecutionResult:
+    """Run `source` once in a fresh `cycleqd.sandbox` session (raises SandboxUnavailableError,
+    saying what to install, where no sandbox can start: never a fallback)."""
+    from cycleqd.sandbox import GiB, Limits, MiB
+    from cycleqd.sandbox import run_python as sandboxed
+
+    limits = Limits(
+        wall_time=timeout,
+        cpu_time=timeout,
+        memory=1 * GiB,
+        nproc=16,
+        output_bytes=1 * MiB,
+        file_size=16 * MiB,
+    )
+    # The program goes in on stdin: a model's reply may hold bytes (NUL) no argv can carry.
+    result = sandboxed(_FROM_STDIN, stdin=source.encode("utf-8", "replace"), limits=limits)
+    tail = result.text("both")[-2000:]
+    if result.ok:
+        return ExecutionResult(True, "passed", tail)
+    return ExecutionResult(False, "timeout" if result.timed_out else "failed", tail)
+
+
+class HumanEvalReport:
+    """HumanEval pass@1 on the first `limit` problems, as a skill-shaped report: scored beside
+    a campaign's skills and kept with its transcripts, never a behaviour axis (the paper's
+    retention check of general coding)."""
+
+    name = "humaneval"
+
+    def __init__(self, limit: int, max_new_tokens: int = 512, executor: Executor | None = None):
+        self.problems = load_problems(limit)
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        self.executor = executor or sandbox_executor
+
+    def evaluate(self, backend: ChatBackend):
+        from cycleqd.skills.base import SampleResult, SkillResult
+
+        result = pass_at_1(backend, self.problems, self.params, self.executor)
+        samples = []
+        for problem in self.problems:
+            tid = problem["task_id"]
+            outcome, reply = result.results[tid], result.replies[tid]
+            detail = {
+                "reply": reply,
+                "transcript": [*conversation(problem), {"role": "assistant", "content": reply}],
+                "error": "" if outcome.passed else f"{outcome.status}: {outcome.output[-300:]}",
+            }
+            samples.append(SampleResult(tid, outcome.passed, detail))
+        return SkillResult(self.name, samples)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -26,12 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class SkillsEvaluator:
-    def __init__(self, backend: Any, skills: Sequence[Any]) -> None:
-        names = [s.name for s in skills]
+    """`skills` give the scores; `reports` (e.g. HumanEval retention) are scored beside them
+    and kept with the transcripts, never a score an archive sees."""
+
+    def __init__(self, backend: Any, skills: Sequence[Any], reports: Sequence[Any] = ()) -> None:
+        names = [s.name for s in (*skills, *reports)]
         if len(set(names)) != len(names):
             raise ValueError(f"skills scored twice: {names}")
         self.backend = backend
         self.skills = list(skills)
+        self.reports = list(reports)
         self.last_genome: str | None = None
         self.last_results: dict[str, SkillResult] = {}
         self.last_seconds: dict[str, float] = {}
@@ -63,7 +67,7 @@ class SkillsEvaluator:
         results: dict[str, SkillResult] = {}
         seconds: dict[str, float] = {}
         self.last_genome = None  # nothing half-scored is ever reported as this genome's
-        for skill in self.skills:
+        for skill in (*self.skills, *self.reports):
             started = time.perf_counter()
             results[skill.name] = skill.evaluate(self.backend)
             seconds[skill.name] = time.perf_counter() - started
@@ -76,16 +80,18 @@ class SkillsEvaluator:
                 seconds[skill.name],
             )
         self.last_genome, self.last_results, self.last_seconds = genome_id, results, seconds
-        return {name: r.quality for name, r in results.items()}
+        return {s.name: results[s.name].quality for s in self.skills}
 
     def samples(self, genome_id: str) -> dict[str, Any] | None:
         """Per skill: every sample of `genome_id`'s evaluation (id, correct, details) and the
         skill's own metrics; None unless it is the genome scored last."""
         if genome_id != self.last_genome:
             return None
+        reported = {r.name for r in self.reports}
         return {
             name: {
                 "quality": result.quality,
+                "reported": name in reported,
                 "seconds": round(self.last_seconds.get(name, 0.0), 3),
                 "metrics": dict(getattr(result, "metrics", {}) or {}),
                 "samples": [_jsonable(dataclasses.asdict(s)) for s in result.samples],

@@ -71,9 +71,9 @@ def test_real_campaign_through_kfp_local_on_s3_mariadb_and_mlflow(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
     monkeypatch.setenv("CYCLEQD_S3_ENDPOINT", seaweed.endpoint)
     run = uuid.uuid4().hex[:8]
-    # Two tasks per skill, one round, short replies: SmolLM2 needs ~1 s per 300 prompt tokens
-    # on one core here, and AgentBench's prompts are long.
-    common = {"data": str(DATA), "limit": 2, "max_new_tokens": 64}
+    # Few tasks, one round, short replies: SmolLM2 needs ~1 s per 300 prompt tokens on one
+    # core here, and AgentBench's prompts are ~700 tokens without the one-shot example.
+    common = {"data": str(DATA), "limit": 1, "max_new_tokens": 48}
     config = {
         "name": "real-smollm2",
         "seed": 0,
@@ -81,7 +81,7 @@ def test_real_campaign_through_kfp_local_on_s3_mariadb_and_mlflow(
         "population": 1,
         "dtype": "float32",
         "skills": [
-            {"name": "coding", "bc_max": 0.5, **common},
+            {"name": "coding", "bc_max": 0.5, **common, "limit": 2},
             {"name": "db", "bc_max": 0.5, "max_rounds": 1, **common},
             {"name": "os", "bc_max": 0.5, "max_rounds": 1, "one_shot": False, **common},
         ],
@@ -130,7 +130,9 @@ def test_real_campaign_through_kfp_local_on_s3_mariadb_and_mlflow(
         kept = store.get_json(f"transcripts/{gid}.json")
         assert set(kept) == set(SKILLS), gid
         for skill, result in kept.items():
-            assert [bool(s["detail"]["transcript"]) for s in result["samples"]] == [True, True]
+            samples = result["samples"]
+            assert len(samples) == (2 if skill == "coding" else 1)
+            assert all(s["detail"]["transcript"] for s in samples)
             assert skill != "db" or result["samples"][0]["detail"]["type"]
     for gid in children:
         assert set(store.get_json(f"evaluations/{gid}.json")["scores"]) == set(SKILLS)

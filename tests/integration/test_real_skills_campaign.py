@@ -123,7 +123,9 @@ def _run(config: dict, store_uri: Path, wrap=None) -> tuple[Campaign, dict]:
 
 def test_real_skills_campaign_keeps_every_transcript(chat_world, tmp_path):
     _needs_services()
-    campaign, _ = _run(real_config(chat_world), tmp_path / "store")
+    config = real_config(chat_world)
+    config["evaluation"]["humaneval"] = 2  # reported beside the scores, never an axis
+    campaign, _ = _run(config, tmp_path / "store")
     store = campaign.store
     assert store.latest_generation() == 1
     scored = [*campaign.book.expert_ids().values()]
@@ -131,7 +133,10 @@ def test_real_skills_campaign_keeps_every_transcript(chat_world, tmp_path):
     assert len(scored) == 4
     for gid in scored:
         kept = campaign.read_samples(gid)
-        assert set(kept) == {"coding", "db", "os"}
+        assert set(kept) == {"coding", "db", "os", "humaneval"}
+        assert [n for n, r in kept.items() if r["reported"]] == ["humaneval"]
+        assert kept["humaneval"]["samples"][0]["sample_id"] == "HumanEval/0"
+        del kept["humaneval"]
         for skill, result in kept.items():
             assert len(result["samples"]) == 2, skill
             assert 0.0 <= result["quality"] <= 1.0
@@ -143,6 +148,8 @@ def test_real_skills_campaign_keeps_every_transcript(chat_world, tmp_path):
     child = scored[-1]
     record = store.get_json(f"evaluations/{child}.json")
     assert set(record["scores"]) == {"coding", "db", "os"}
+    assert set(record["reported"]) == {"humaneval"}
+    assert set(campaign.archives.skill_names) == {"coding", "db", "os"}
 
     shown = io.StringIO()
     with contextlib.redirect_stdout(shown):

@@ -369,6 +369,7 @@ def test_elite_maps_project_and_write(tmp_path):
             "name": "maps",
             "skills": [{"name": n, "bins": 5} for n in ("a", "b", "c", "d")],
             "models": {"base": "/b", "experts": {n: f"/{n}" for n in "abcd"}},
+            "evaluation": {"scorer": "probe"},
         }
     )
     archives = ArchiveSet.for_config(config)

@@ -472,6 +472,9 @@ def test_compiled_pipeline_and_submit_arguments_hold_no_credential(
         generations_per_run=2,
         parallelism=2,
         s3_secret="cycleqd-s3",
+        models_pvc="",
+        models_mount_path="/models",
+        model_cache_size="100Gi",
     )
     arguments = kfp_cli._arguments(args)
     scan.check_all("submit/schedule run parameter", (f"{k}={v}" for k, v in arguments.items()))
