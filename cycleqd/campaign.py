@@ -310,8 +310,14 @@ class Campaign:
         from cycleqd.model_sources import local_folder
 
         folders = self.model_folders()
-        for gid, genome in self.book.items():
-            if genome.kind not in ("base", "expert") and self._resolve(gid) is not None:
+        lineage, frontier = set(), [genome_id]
+        while frontier:  # only the genome's own ancestors can be stored weights it reads
+            gid = frontier.pop()
+            if gid not in lineage and gid not in folders:
+                lineage.add(gid)
+                frontier.extend(self.book[gid].parents)
+        for gid in sorted(lineage):
+            if self._resolve(gid) is not None:
                 folders[gid] = str(local_folder(self.store.model_uri(gid), "stored elite"))
         return genome_request(self.book, genome_id, folders, dtype=self.config.dtype)
 

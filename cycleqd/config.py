@@ -173,7 +173,9 @@ class FinalConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    """Where the base and the experts live: local folders of safetensors (HF layout)."""
+    """Where the base and the experts live: folders of safetensors (HF layout), as local or
+    mounted paths, `file://` or `s3://` URIs (`cycleqd.model_sources`; read where weights are
+    used, copied once per pod from S3)."""
 
     base: str
     experts: dict[str, str] = Field(min_length=2)

@@ -238,6 +238,16 @@ def test_runtime_images_stay_off_the_hub(name):
     assert re.search(r"^\s*HF_HOME=/home/cycleqd/", text, re.M), "a writable HF_HOME"
 
 
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_runtime_images_name_their_role(name):
+    """Preflight runs on the CPU tools image, which has neither vLLM nor the sandbox: the role
+    tells it to leave those checks to the tasks on the evaluator image."""
+    from cycleqd.generate.factory import RUNTIME_ENV
+
+    text = (IMAGES / f"Dockerfile.{name}").read_text()
+    assert re.search(rf"^ENV {RUNTIME_ENV}={re.escape(name)} ", text, re.M), text[:200]
+
+
 def test_evaluator_keeps_vllms_stack_and_has_the_sandbox():
     text = (IMAGES / "Dockerfile.evaluator").read_text()
     assert "bubblewrap" in text

@@ -145,6 +145,21 @@ def test_vllm_where_vllm_is_not_installed(tiny_world, tmp_path, monkeypatch):
     assert "evaluator image" in message and "kind to 'transformers'" in message
 
 
+def test_cpu_tools_image_leaves_the_backend_check_to_the_evaluator_image(
+    tiny_world, tmp_path, monkeypatch
+):
+    """On a cluster preflight runs on the CPU tools image (no vLLM there by design): it checks
+    the rest and the seed task, on the evaluator image, checks the backend."""
+    from cycleqd import steps
+
+    monkeypatch.setenv("CYCLEQD_RUNTIME", "cpu-tools")
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    config = _real_config(tiny_world, evaluation={"backend": {"kind": "vllm"}})
+    del config["skills"][1], config["models"]["experts"]["db"]  # no database server needed
+    summary = steps.preflight(yaml.safe_dump(config), str(tmp_path / "store"))
+    assert summary["latest_generation"] == -1
+
+
 def test_cuda_where_torch_sees_no_gpu(tiny_world, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
