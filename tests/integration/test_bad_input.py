@@ -192,3 +192,66 @@ def test_real_skills_refuse_to_run_without_a_sandbox(tiny_world, tmp_path, monke
     _preflight_fails(config, tmp_path / "store", "no Docker daemon is reachable")
     with pytest.raises(SandboxUnavailableError, match="Docker"):
         build_evaluator(parse_config(config)).evaluate("x", iter(()))
+
+
+def test_real_campaign_bad_inputs_are_refused_before_any_write(
+    tiny_world, tmp_path, monkeypatch, reliability
+):
+    """The user's entry points (`cycleqd validate`, preflight) on a real campaign's mistakes:
+    one message naming what to fix each, no traceback, nothing in the store."""
+    import importlib.util
+
+    from cycleqd import steps
+    from cycleqd.errors import CycleQDError
+
+    monkeypatch.setenv("CYCLEQD_DATA", str(SHARED_DATA))
+    cases = {
+        "unknown skill": ({"skills": [{"name": "codng"}]}, "unknown skill 'codng'"),
+        "another skill's option": (
+            {"skills": [{"name": "coding", "max_rounds": 3}]},
+            "max_rounds is an option of: db, os",
+        ),
+        "password in the config": (
+            {"skills": [{"name": "db", "url": "mysql://root:pw@h:3306"}]},
+            "CYCLEQD_DB_PASSWORD",
+        ),
+        "missing data set": ({"skills": [{"name": "os", "data": str(tmp_path)}]}, "does not exist"),
+        "dead database": (
+            {"skills": [{"name": "db", "url": "mysql://root@127.0.0.1:9"}]},
+            "cannot use the database server",
+        ),
+        "unknown task id": (
+            {"skills": [{"name": "coding", "task_ids": ["Mbpp/99999"]}]},
+            "Mbpp/99999",
+        ),
+    }
+    if importlib.util.find_spec("vllm") is None:
+        cases["vllm not installed"] = (
+            {"evaluation": {"backend": {"kind": "vllm"}}},
+            "vLLM is not installed here",
+        )
+    clear = {}
+    for what, (change, expected) in cases.items():
+        config = _real_config(tiny_world)
+        for entry in change.get("skills", []):  # replaces the skill of the same position
+            index = {"coding": 0, "db": 1, "os": 2}.get(entry["name"], 0)
+            config["skills"][index] = {"limit": 1, **entry}
+            config["models"]["experts"] = {
+                s["name"]: tiny_world["experts"]["probe_a"] for s in config["skills"]
+            }
+        config.update({k: v for k, v in change.items() if k != "skills"})
+        store = tmp_path / what.replace(" ", "-")
+        try:
+            steps.preflight(yaml.safe_dump(config), str(store))
+            clear[what] = False
+        except CycleQDError as exc:
+            nothing_written = not store.exists() or not any(store.rglob("*"))
+            clear[what] = expected in str(exc) and "Traceback" not in str(exc) and nothing_written
+    reliability.record(
+        "Hostile inputs",
+        "Real-campaign configs with a mistake, through preflight",
+        tried=len(clear),
+        survived=sum(clear.values()),
+        detail=", ".join(clear) + "; each one message naming the fix, nothing written",
+    )
+    assert all(clear.values()), clear
