@@ -25,6 +25,8 @@ POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "J
 SECRET_KEYS = {
     "cycleqd-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"},
     "cycleqd-mlflow-db": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
+    # the db skill's password, as the compiled pipeline maps it (PipelineOptions.db_secret)
+    "cycleqd-db": {"CYCLEQD_DB_PASSWORD"},
 }
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")
 
