@@ -71,6 +71,28 @@ def smollm2() -> Path:
     return cached_import(gguf, cache / "smollm2-135m-instruct", "float32")
 
 
+@pytest.fixture
+def real_skills_services() -> Path:
+    """What the real skills need, or a skip saying how to provide it: the evaluation sets in
+    ../shared/data, MariaDB/MySQL on 127.0.0.1:3306 (root, no password) for `db`, and a
+    sandbox that starts (bubblewrap) for `coding` and `os`. Returns the data folder."""
+    import pymysql
+
+    if not (SHARED_DATA / "mbppplus.jsonl").exists():
+        pytest.skip(f"the evaluation sets are not at {SHARED_DATA} (see its README.md)")
+    try:
+        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
+    except Exception as exc:
+        pytest.skip(f"MariaDB/MySQL on 127.0.0.1:3306 (root, no password) is needed: {exc}")
+    from cycleqd.sandbox import get_backend
+
+    try:
+        get_backend()
+    except Exception as exc:
+        pytest.skip(f"the sandbox cannot run here ({exc})")
+    return SHARED_DATA.resolve()
+
+
 # ---------------------------------------------------------------- RELIABILITY.md, from tests
 #
 # Tests of faults, hostile inputs and attacks call `reliability.record(...)` with what they

@@ -24,25 +24,7 @@ from cycleqd.state import CampaignStore
 
 pytestmark = pytest.mark.slow
 
-DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 SKILLS = ("coding", "db", "os")
-
-
-def _needs_services() -> None:
-    import pymysql
-
-    if not (DATA / "mbppplus.jsonl").exists():
-        pytest.skip(f"the evaluation sets are not at {DATA} (see ../shared/data/README.md)")
-    try:
-        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
-    except Exception as exc:
-        pytest.skip(f"MariaDB/MySQL on 127.0.0.1:3306 (root, no password) is needed: {exc}")
-    from cycleqd.sandbox import get_backend
-
-    try:
-        get_backend()
-    except Exception as exc:
-        pytest.skip(f"the sandbox cannot run here ({exc})")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +40,8 @@ def smollm2_experts(smollm2, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_real_campaign_through_kfp_local_on_s3_mariadb_and_mlflow(
-    smollm2, smollm2_experts, seaweed, tmp_path, monkeypatch
+    real_skills_services, smollm2, smollm2_experts, seaweed, tmp_path, monkeypatch
 ):
-    _needs_services()
     from kfp import local
     from mlflow import MlflowClient
 
@@ -73,7 +54,7 @@ def test_real_campaign_through_kfp_local_on_s3_mariadb_and_mlflow(
     run = uuid.uuid4().hex[:8]
     # Few tasks, one round, short replies: SmolLM2 needs ~1 s per 300 prompt tokens on one
     # core here, and AgentBench's prompts are ~700 tokens without the one-shot example.
-    common = {"data": str(DATA), "limit": 1, "max_new_tokens": 48}
+    common = {"data": str(real_skills_services), "limit": 1, "max_new_tokens": 48}
     config = {
         "name": "real-smollm2",
         "seed": 0,

@@ -20,25 +20,6 @@ from cycleqd.state import CampaignStore
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def _needs_services() -> None:
-    import pymysql
-
-    if not (DATA / "mbppplus.jsonl").exists():
-        pytest.skip(f"the evaluation sets are not at {DATA} (see ../shared/data/README.md)")
-    try:
-        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
-    except Exception as exc:
-        pytest.skip(f"MariaDB/MySQL on 127.0.0.1:3306 (root, no password) is needed: {exc}")
-    from cycleqd.sandbox import get_backend
-
-    try:
-        get_backend()
-    except Exception as exc:
-        pytest.skip(f"the sandbox cannot run here ({exc})")
-
 
 @pytest.fixture(scope="module")
 def chat_world(tmp_path_factory) -> dict:
@@ -55,8 +36,8 @@ def chat_world(tmp_path_factory) -> dict:
     return {"base": str(base), "experts": experts}
 
 
-def real_config(world: dict, **overrides) -> dict:
-    common = {"data": str(DATA), "limit": 2, "max_new_tokens": 12}
+def real_config(world: dict, data: Path, **overrides) -> dict:
+    common = {"data": str(data), "limit": 2, "max_new_tokens": 12}
     return {
         "name": "real-skills",
         "generations": 1,
@@ -121,9 +102,8 @@ def _run(config: dict, store_uri: Path, wrap=None) -> tuple[Campaign, dict]:
     return campaign, evaluator
 
 
-def test_real_skills_campaign_keeps_every_transcript(chat_world, tmp_path):
-    _needs_services()
-    config = real_config(chat_world)
+def test_real_skills_campaign_keeps_every_transcript(real_skills_services, chat_world, tmp_path):
+    config = real_config(chat_world, real_skills_services)
     config["evaluation"]["humaneval"] = 2  # reported beside the scores, never an axis
     campaign, _ = _run(config, tmp_path / "store")
     store = campaign.store
@@ -161,11 +141,12 @@ def test_real_skills_campaign_keeps_every_transcript(chat_world, tmp_path):
     assert "-- os/0:" in text and "[user]" in text and "expected:" in text
 
 
-def test_swap_requests_build_the_same_models_as_tensors(chat_world, tmp_path):
+def test_swap_requests_build_the_same_models_as_tensors(real_skills_services, chat_world, tmp_path):
     """The vLLM path: children (and the experts) are built from their recipes where the model
     runs; every model's replies equal those of the in-process tensor path, so the weights do."""
-    _needs_services()
-    config = real_config(chat_world, mutation={"kind": "gaussian", "sigma": 0.01})
+    config = real_config(
+        chat_world, real_skills_services, mutation={"kind": "gaussian", "sigma": 0.01}
+    )
     tensors, _ = _run(config, tmp_path / "tensors")
     requests, evaluator = _run(config, tmp_path / "requests", wrap=RequestBackend)
     backend = evaluator.evaluator.backend
