@@ -104,8 +104,7 @@ def skills_evaluator(config: CampaignConfig, skills=None):
 
     check_skills_can_run(config)
     backend_config = config.evaluation.backend
-    batch = getattr(backend_config, "batch_size", 64)
-    built = [build_skill(entry, batch) for entry in (skills or config.skills)]
+    built = [build_skill(entry) for entry in (skills or config.skills)]
     backend = build_backend(
         backend_config, str(base_folder(config.models.base)), config.dtype, seed=config.seed
     )

@@ -137,7 +137,7 @@ class OSSkillConfig(_Subset, SkillConfig):
 @dataclass(frozen=True)
 class SkillSpec:
     options: type[SkillConfig]
-    build: Callable[[Any, int], Any]  # (options, batch size) -> a Skill
+    build: Callable[[Any], Any]  # options -> a Skill (the backend batches generation itself)
     needs_sandbox: bool  # runs model output (code, shell) in cycleqd.sandbox
     summary: str
 
@@ -155,7 +155,7 @@ def _pick(items: Sequence[_T], limit: int | None, seed: int | None) -> list[_T]:
     return [items[i] for i in sorted(chosen)]
 
 
-def _build_tiny(options: TinySkillConfig, batch_size: int):
+def _build_tiny(options: TinySkillConfig):
     from cycleqd.skills.tiny.skill import TinySkill
 
     return TinySkill(
@@ -167,7 +167,7 @@ def _build_tiny(options: TinySkillConfig, batch_size: int):
     )
 
 
-def _build_coding(options: CodingSkillConfig, batch_size: int):
+def _build_coding(options: CodingSkillConfig):
     from cycleqd.generate.base import SamplingParams
     from cycleqd.skills.coding import CodingSkill
     from cycleqd.skills.data import MBPP_PLUS, load_jsonl
@@ -203,7 +203,7 @@ def database_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _build_db(options: DBSkillConfig, batch_size: int):
+def _build_db(options: DBSkillConfig):
     from cycleqd.skills.data import DBBENCH_DEV, load_jsonl
     from cycleqd.skills.db import DBConfig, DBSkill, load_dbbench
 
@@ -235,7 +235,7 @@ def check_database(options: DBSkillConfig) -> None:
         ) from None
 
 
-def _build_os(options: OSSkillConfig, batch_size: int):
+def _build_os(options: OSSkillConfig):
     from cycleqd.generate.base import SamplingParams
     from cycleqd.skills.data import AGENTBENCH_OS, load_jsonl
     from cycleqd.skills.os_skill import OSSkill
@@ -282,9 +282,9 @@ def owners_of(field: str) -> list[str]:
     return [n for n, s in REGISTRY.items() if field in s.options.model_fields]
 
 
-def build_skill(options: SkillConfig, batch_size: int = 16):
+def build_skill(options: SkillConfig):
     """The skill object for a validated config entry (reads its data set)."""
     spec = REGISTRY.get(options.name)
     if spec is None or not isinstance(options, spec.options):
         raise ValueError(f"{options.name!r} is not a registered skill: {', '.join(REGISTRY)}")
-    return spec.build(options, batch_size)
+    return spec.build(options)
