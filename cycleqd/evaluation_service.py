@@ -2,7 +2,7 @@
 
 Through kfp.local every evaluation task is a fresh Python process, and importing torch and
 transformers and loading the model cost more than scoring a generation of the tiny world
-(issue 8: ~5.7 s of a 15.5 s generation). So the local driver (`cycleqd run`) starts one
+(measured: ~5.7 s of a 15.5 s generation). So the local driver (`cycleqd run`) starts one
 evaluation server beside the pipeline and names its Unix socket in `SOCKET_ENV`; each
 evaluation task (`evaluate_children`) then hands its children to the server, which scores
 them exactly as the task would (`steps.evaluate_many`: results kept in the store) with a
