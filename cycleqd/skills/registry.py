@@ -139,7 +139,6 @@ class SkillSpec:
     options: type[SkillConfig]
     build: Callable[[Any], Any]  # options -> a Skill (the backend batches generation itself)
     needs_sandbox: bool  # runs model output (code, shell) in cycleqd.sandbox
-    summary: str
 
 
 def _pick(items: Sequence[_T], limit: int | None, seed: int | None) -> list[_T]:
@@ -255,16 +254,12 @@ def _build_os(options: OSSkillConfig):
 
 REGISTRY: dict[str, SkillSpec] = {
     **{
-        family: SkillSpec(TinySkillConfig, _build_tiny, False, f"tiny world: {what}")
-        for family, what in (
-            ("tiny_code", "a Python expression over named inputs"),
-            ("tiny_sql", "one SQLite query"),
-            ("tiny_shell", "a pipeline of text tools"),
-        )
+        family: SkillSpec(TinySkillConfig, _build_tiny, False)
+        for family in ("tiny_code", "tiny_sql", "tiny_shell")
     },
-    "coding": SkillSpec(CodingSkillConfig, _build_coding, True, "MBPP+ (EvalPlus)"),
-    "db": SkillSpec(DBSkillConfig, _build_db, False, "AgentBench DBBench on MySQL/MariaDB"),
-    "os": SkillSpec(OSSkillConfig, _build_os, True, "AgentBench OS in the sandbox"),
+    "coding": SkillSpec(CodingSkillConfig, _build_coding, True),  # MBPP+ (EvalPlus)
+    "db": SkillSpec(DBSkillConfig, _build_db, False),  # AgentBench DBBench, MySQL/MariaDB
+    "os": SkillSpec(OSSkillConfig, _build_os, True),  # AgentBench OS
 }
 
 
