@@ -407,9 +407,70 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 def _add_data_commands(sub) -> None:
     from cycleqd.skills import fetch
+    from cycleqd.skills.registry import skill_names
 
-    data = sub.add_parser("data", help="the real skills' evaluation sets (MBPP+, DBBench, OS)")
-    fetch.add_fetch_command(data.add_subparsers(dest="data_command", required=True))
+    data = sub.add_parser(
+        "data", help="the skills' data: evaluation sets (MBPP+, DBBench, OS), training sets"
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch.add_fetch_command(data_sub)
+    derive = data_sub.add_parser(
+        "training-set",
+        help="derive a skill's training set (chat JSONL, in the skill's own prompt format)",
+        description="Replay the reference solutions of the skill's training-part tasks through "
+        "the skill itself and write the conversations it scores correct, one "
+        '{"messages": [...], "id": ...} per line (cycleqd.skills.training_sets). None of them '
+        "is a task that `part: evaluation` scores. db needs its MySQL/MariaDB server, coding "
+        "and os the sandbox.",
+    )
+    derive.add_argument("skill", choices=skill_names(), help="a registered skill")
+    derive.add_argument("--output", required=True, help="the .jsonl file to write")
+    derive.add_argument(
+        "--data", help="folder, file or s3:// prefix of the data set (default: $CYCLEQD_DATA)"
+    )
+    derive.add_argument(
+        "--size", type=int, help="keep the first N accepted rows (default: all; tiny: 4000)"
+    )
+    derive.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="a skill option as in a campaign config (e.g. url=mysql://root@db:3306, "
+        "inputs=plus, one_shot=false, level=3); repeatable",
+    )
+    derive.set_defaults(handler=_training_set)
+
+
+def _training_set(args: argparse.Namespace) -> int:
+    """Derive one skill's training set and write it as chat JSONL."""
+    from pydantic import ValidationError
+
+    from cycleqd.skills.registry import REGISTRY
+    from cycleqd.skills.training_sets import training_set
+
+    spec = REGISTRY[args.skill]
+    fields: dict = {"name": args.skill}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CycleQDError(f"--set {item!r}: write OPTION=VALUE")
+        fields[key.strip()] = value
+    if args.data is not None:
+        if "data" not in spec.options.model_fields:
+            raise CycleQDError(f"{args.skill} generates its data: it takes no --data")
+        fields["data"] = args.data
+    try:
+        options = spec.options.model_validate(fields)
+    except ValidationError as exc:
+        raise CycleQDError(f"options of {args.skill}: {exc}") from None
+    result = training_set(options, args.size)
+    path = result.write_jsonl(args.output)
+    print(f"{args.skill}: kept {result.kept} of {result.candidates} candidate tasks")
+    for reason, n in sorted(result.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  rejected, {reason}: {n}")
+    print(f"{len(result.rows)} rows written to {path} in {result.seconds:.1f} s")
+    return 0
 
 
 def build_parser(extend=None) -> argparse.ArgumentParser:

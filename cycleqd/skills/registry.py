@@ -8,8 +8,14 @@ the skill object that `SkillsEvaluator` scores over one warm chat backend.
 Options are plain pydantic models (no torch, no data read): the config validates anywhere,
 and the skill's heavy modules are imported only when it is built.
 
-To add a skill: an options class (its `name` a one-value Literal), a builder, and a line in
-`REGISTRY`.
+Every skill also derives a training set from its own data (`training_set(options, size)`,
+see `cycleqd.skills.training_sets`): the real skills from the *training* part of a fixed hash
+split of their tasks (`cycleqd.skills.split`), so that scoring with `part: evaluation` never
+shows a fine-tuned expert a task it was trained on; the tiny skills from their generator's
+train split.
+
+To add a skill: an options class (its `name` a one-value Literal), a builder, a training-set
+builder (or None), and a line in `REGISTRY`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class SkillConfig(StrictModel):
 
 class _Subset(StrictModel):
     """Which tasks of a benchmark are scored: the first `limit` in the data set's order, or,
-    with `seed`, `limit` tasks drawn at random with that seed (the same subset every time)."""
+    with `seed`, `limit` tasks drawn at random with that seed (the same subset every time).
+    `part` is applied first: `limit: 20, part: evaluation` scores 20 evaluation-part tasks."""
 
     data: str | None = Field(
         default=None,
@@ -63,6 +70,12 @@ class _Subset(StrictModel):
     limit: int | None = Field(default=None, ge=1, description="tasks to score; default: all")
     seed: int | None = Field(default=None, ge=0, description="draw `limit` tasks with this seed")
     max_new_tokens: int = Field(default=512, ge=1, le=32768)
+    part: Literal["all", "training", "evaluation"] = Field(
+        default="all",
+        description="which side of the fixed hash split (cycleqd.skills.split) is scored; "
+        "`evaluation` never overlaps the `training` part that the skill's derived training "
+        "set is built from",
+    )
 
     @model_validator(mode="after")
     def _seed_needs_limit(self):
@@ -139,6 +152,9 @@ class SkillSpec:
     options: type[SkillConfig]
     build: Callable[[Any], Any]  # options -> a Skill (the backend batches generation itself)
     needs_sandbox: bool  # runs model output (code, shell) in cycleqd.sandbox
+    # (options, size) -> a cycleqd.skills.training_sets.TrainingSet: chat rows in the skill's
+    # own prompt and action format, none of them a task that `part: evaluation` scores.
+    training_set: Callable[[Any, int | None], Any] | None = None
 
 
 def _pick(items: Sequence[_T], limit: int | None, seed: int | None) -> list[_T]:
@@ -166,12 +182,24 @@ def _build_tiny(options: TinySkillConfig):
     )
 
 
-def _build_coding(options: CodingSkillConfig):
+def coding_skill(options: CodingSkillConfig, rows: Sequence[dict]):
+    """The coding skill over these MBPP+ rows, with the entry's scoring options."""
     from cycleqd.generate.base import SamplingParams
     from cycleqd.skills.coding import CodingSkill
-    from cycleqd.skills.data import MBPP_PLUS, load_jsonl
 
-    rows = load_jsonl(options.data, MBPP_PLUS)
+    return CodingSkill(
+        rows=rows,
+        inputs=options.inputs,
+        time_factor=options.time_factor,
+        sampling=SamplingParams(max_new_tokens=options.max_new_tokens, temperature=0.0),
+    )
+
+
+def _build_coding(options: CodingSkillConfig):
+    from cycleqd.skills.data import MBPP_PLUS, load_jsonl
+    from cycleqd.skills.split import coding_task_id, select
+
+    rows = select("coding", load_jsonl(options.data, MBPP_PLUS), coding_task_id, options.part)
     if options.task_ids is not None:
         wanted = set(options.task_ids)
         rows = [r for r in rows if r.get("task_id") in wanted]
@@ -179,14 +207,11 @@ def _build_coding(options: CodingSkillConfig):
         if unknown:
             from cycleqd.errors import ConfigError
 
-            raise ConfigError(f"skills.coding.task_ids: no such MBPP+ task(s) {sorted(unknown)}")
-    rows = _pick(rows, options.limit, options.seed)
-    return CodingSkill(
-        rows=rows,
-        inputs=options.inputs,
-        time_factor=options.time_factor,
-        sampling=SamplingParams(max_new_tokens=options.max_new_tokens, temperature=0.0),
-    )
+            where = "" if options.part == "all" else f" in the {options.part} part"
+            raise ConfigError(
+                f"skills.coding.task_ids: no such MBPP+ task(s){where} {sorted(unknown)}"
+            )
+    return coding_skill(options, _pick(rows, options.limit, options.seed))
 
 
 def database_url(url: str) -> str:
@@ -202,18 +227,27 @@ def database_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _build_db(options: DBSkillConfig):
-    from cycleqd.skills.data import DBBENCH_DEV, load_jsonl
-    from cycleqd.skills.db import DBConfig, DBSkill, load_dbbench
+def db_config(options: DBSkillConfig):
+    """The db skill's episode settings (`cycleqd.skills.db.DBConfig`) for a config entry."""
+    from cycleqd.skills.db import DBConfig
 
-    config = DBConfig(
+    return DBConfig(
         url=database_url(options.url),
         max_rounds=options.max_rounds,
         max_new_tokens=options.max_new_tokens,
         statement_timeout_s=options.statement_timeout_s,
         subset=options.subset,
     )
-    skill = DBSkill(load_dbbench(load_jsonl(options.data, DBBENCH_DEV)), config)
+
+
+def _build_db(options: DBSkillConfig):
+    from cycleqd.skills.data import DBBENCH_DEV, load_jsonl
+    from cycleqd.skills.db import DBSkill, load_dbbench
+    from cycleqd.skills.split import select
+
+    samples = load_dbbench(load_jsonl(options.data, DBBENCH_DEV))
+    samples = select("db", samples, lambda s: s.sample_id, options.part)
+    skill = DBSkill(samples, db_config(options))  # `subset` is applied here, after `part`
     skill.samples = _pick(skill.samples, options.limit, options.seed)
     return skill
 
@@ -234,17 +268,13 @@ def check_database(options: DBSkillConfig) -> None:
         ) from None
 
 
-def _build_os(options: OSSkillConfig):
+def os_skill(options: OSSkillConfig, rows: Sequence[dict]):
+    """The os skill over these AgentBench OS rows, with the entry's episode options."""
     from cycleqd.generate.base import SamplingParams
-    from cycleqd.skills.data import AGENTBENCH_OS, load_jsonl
     from cycleqd.skills.os_skill import OSSkill
 
-    rows = load_jsonl(options.data, AGENTBENCH_OS)
-    if options.indices is not None:
-        wanted = set(options.indices)
-        rows = [r for i, r in enumerate(rows) if int(r.get("index", i)) in wanted]
     return OSSkill(
-        rows=_pick(rows, options.limit, options.seed),
+        rows=rows,
         max_rounds=options.max_rounds,
         action_timeout=options.action_timeout_s,
         one_shot=options.one_shot,
@@ -252,14 +282,33 @@ def _build_os(options: OSSkillConfig):
     )
 
 
+def _build_os(options: OSSkillConfig):
+    from cycleqd.skills.data import AGENTBENCH_OS, load_jsonl
+    from cycleqd.skills.split import os_task_id, select
+
+    rows = select("os", load_jsonl(options.data, AGENTBENCH_OS), os_task_id, options.part)
+    if options.indices is not None:
+        wanted = set(options.indices)
+        rows = [r for r in rows if int(r["index"]) in wanted]
+    return os_skill(options, _pick(rows, options.limit, options.seed))
+
+
+def _training_set(options: SkillConfig, size: int | None = None):
+    from cycleqd.skills.training_sets import training_set
+
+    return training_set(options, size)
+
+
 REGISTRY: dict[str, SkillSpec] = {
     **{
-        family: SkillSpec(TinySkillConfig, _build_tiny, False)
+        family: SkillSpec(TinySkillConfig, _build_tiny, False, _training_set)
         for family in ("tiny_code", "tiny_sql", "tiny_shell")
     },
-    "coding": SkillSpec(CodingSkillConfig, _build_coding, True),  # MBPP+ (EvalPlus)
-    "db": SkillSpec(DBSkillConfig, _build_db, False),  # AgentBench DBBench, MySQL/MariaDB
-    "os": SkillSpec(OSSkillConfig, _build_os, True),  # AgentBench OS
+    # MBPP+ (EvalPlus)
+    "coding": SkillSpec(CodingSkillConfig, _build_coding, True, _training_set),
+    # AgentBench DBBench, MySQL/MariaDB
+    "db": SkillSpec(DBSkillConfig, _build_db, False, _training_set),
+    "os": SkillSpec(OSSkillConfig, _build_os, True, _training_set),  # AgentBench OS
 }
 
 
@@ -270,6 +319,12 @@ def skill_names() -> list[str]:
 def options_class(name: str) -> type[SkillConfig] | None:
     spec = REGISTRY.get(name)
     return spec.options if spec else None
+
+
+def has_training_set(name: str) -> bool:
+    """Whether the registered skill `name` derives a training set from its data."""
+    spec = REGISTRY.get(name)
+    return spec is not None and spec.training_set is not None
 
 
 def owners_of(field: str) -> list[str]:
