@@ -12,29 +12,42 @@ Modules: `config` (FinetuneConfig), `data` (chat JSONL, assistant-only labels), 
 importing), `tracking` (MLflow), `run` (the whole stage).
 """
 
-from cycleqd.finetune.config import (
-    FinetuneConfig,
-    LoraSettings,
-    load_finetune_config,
-    parse_finetune_config,
-)
-from cycleqd.finetune.data import (
-    ChatDataset,
-    DatasetError,
-    encode_conversation,
-    encode_dataset,
-    load_chat_dataset,
-)
-from cycleqd.finetune.expert import PublishedExpert, import_expert, published_expert
-from cycleqd.finetune.factors import (
-    FACTORS_FILE,
-    FactorsNotFoundError,
-    TaskVectorFactors,
-    load_task_vector_factors,
-)
-from cycleqd.finetune.run import FinetuneResult, run_finetune
-from cycleqd.finetune.sources import SourceError
-from cycleqd.finetune.trainer import CheckpointMismatchError, FinetuneError, evaluate
+# Imported on first use: reading the package's configs and data sets needs no torch (the
+# CPU-only tasks validate expert specs and training data), training does.
+_EXPORTS = {
+    "ChatDataset": "cycleqd.finetune.data",
+    "CheckpointMismatchError": "cycleqd.finetune.trainer",
+    "DatasetError": "cycleqd.finetune.data",
+    "FACTORS_FILE": "cycleqd.finetune.factors",
+    "FactorsNotFoundError": "cycleqd.finetune.factors",
+    "FinetuneConfig": "cycleqd.finetune.config",
+    "FinetuneError": "cycleqd.finetune.trainer",
+    "FinetuneResult": "cycleqd.finetune.run",
+    "LoraSettings": "cycleqd.finetune.config",
+    "PublishedExpert": "cycleqd.finetune.expert",
+    "SourceError": "cycleqd.finetune.sources",
+    "TaskVectorFactors": "cycleqd.finetune.factors",
+    "encode_conversation": "cycleqd.finetune.data",
+    "encode_dataset": "cycleqd.finetune.data",
+    "evaluate": "cycleqd.finetune.trainer",
+    "import_expert": "cycleqd.finetune.expert",
+    "load_chat_dataset": "cycleqd.finetune.data",
+    "load_finetune_config": "cycleqd.finetune.config",
+    "load_task_vector_factors": "cycleqd.finetune.factors",
+    "parse_finetune_config": "cycleqd.finetune.config",
+    "published_expert": "cycleqd.finetune.expert",
+    "run_finetune": "cycleqd.finetune.run",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "FACTORS_FILE",
