@@ -23,7 +23,7 @@ from cycleqd.config import CampaignConfig
 from cycleqd.errors import CycleQDError, NonFiniteWeightsError
 from cycleqd.genome import Genome, GenomeBook, Mutation
 from cycleqd.model_sources import ModelSource, Weights, open_models
-from cycleqd.objectstore import RemoteSafetensors, read_manifest
+from cycleqd.objectstore import RemoteSafetensors, model_is_complete, read_manifest
 from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import NullTracker, Tracker
@@ -204,7 +204,8 @@ class Campaign:
         base_id = self.book.add(Genome(kind="base", source=base.genome_source))
         self._models[base_id] = base
         for skill in self.config.skill_names:
-            expert = ModelSource(models.experts[skill], f"expert {skill!r}")
+            location = self.store.expert_location(self.config, skill)
+            expert = ModelSource(location, f"expert {skill!r}")
             gid = self.book.add(Genome(kind="expert", source=expert.genome_source, skill=skill))
             self._models[gid] = expert
 
@@ -377,6 +378,17 @@ class Campaign:
         """Generation 0: every expert, scored on every skill, offered to every archive."""
         if self.generation >= 0:
             return
+        untrained = [
+            s
+            for s in self.config.models.trained()
+            if not model_is_complete(self.store.store, self.store.expert_prefix(s))
+        ]
+        if untrained:
+            raise CycleQDError(
+                f"the expert(s) of {', '.join(untrained)} are fine-tuned by this campaign but "
+                f"not published in {self.store.uri} yet: run the experts stage first "
+                "(`cycleqd run` and the pipeline do; `cycleqd experts` alone)"
+            )
         for skill, gid in self.book.expert_ids().items():
             try:
                 scores = self._score(gid)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from cycleqd.errors import CycleQDError
 
+WORLDS = ("tiny", "probe")
+
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -38,25 +40,22 @@ def prepare_config(args: argparse.Namespace):
 
 
 def _tiny_world(folder: Path) -> dict:
-    """The tiny skill world: a ~1.3M-parameter Llama base and three experts (Python
-    expressions, SQLite queries, shell pipelines), trained here on the CPU the first time."""
+    """The tiny skill world: a ~1.3M-parameter Llama base, pre-trained here on the CPU the
+    first time, and three experts (Python expressions, SQLite queries, shell pipelines) that
+    the campaign's experts stage fine-tunes from it."""
     from cycleqd.skills.tiny import train
 
-    manifest = folder / "world.json"  # written last: its presence means the world is complete
+    manifest = folder / "world.json"  # written last: its presence means the base is complete
     if manifest.exists():
         world = json.loads(manifest.read_text())
     else:
-        print(
-            f"building the tiny skill world in {folder} (once; a few minutes on 2 cores) ...",
-            flush=True,
-        )
+        print(f"pre-training the tiny world's base in {folder} (once; minutes) ...", flush=True)
         started = time.perf_counter()
-        workers = min(len(train.FAMILIES), os.cpu_count() or 1)
         threads = train.build_threads()
-        print(f"  {threads} torch thread(s) for the base, {workers} process(es) for the experts")
+        print(f"  {threads} torch thread(s)")
         with _torch_threads(threads):
-            world = train.build_world(folder, on_log=_log_world_step, workers=workers)
-        print(f"tiny world built in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+            world = train.build_base(folder, on_log=_log_world_step)
+        print(f"base pre-trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return train.campaign_config(world)
 
 
@@ -104,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     config = prepare_config(args)
     evaluator = build_evaluator(config)
     store = CampaignStore(args.store or workdir / "campaign")
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or _local_mlflow(workdir))
+    train_experts(config, store.uri, tracking_uri)
     tracker = None
     if not args.no_tracking:
         from cycleqd.tracking import MLflowTracker
@@ -126,6 +127,61 @@ def _run(args: argparse.Namespace) -> int:
         shown = redact_uri(where)
         print(f"MLflow: {shown}" + (f" ({len(missed)} events not delivered)" if missed else ""))
     return code
+
+
+def _local_mlflow(workdir: Path) -> str:
+    """The embedded tracking default: a SQLite MLflow store in the run folder."""
+    return f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
+
+
+def train_experts(config, store_uri: str, tracking_uri: str = "", skills=None) -> list[dict]:
+    """The experts stage in this process: every expert the config fine-tunes, one after
+    another (published ones are reused), with a line per expert."""
+    from cycleqd.experts import experts_to_train, train_expert
+
+    records = []
+    for skill in skills or experts_to_train(config):
+        spec = config.models.experts[skill]
+        print(f"expert {skill}: fine-tuning ({spec.method}) ...", flush=True)
+        started = time.perf_counter()
+        record = train_expert(config, str(store_uri), skill, tracking_uri)
+        print(f"  {_expert_line(record, time.perf_counter() - started)}", flush=True)
+        records.append(record)
+    return records
+
+
+def _expert_line(record: dict, seconds: float) -> str:
+    if record.get("reused"):
+        return f"{record['skill']}: already published, reused ({record['uri']})"
+    loss = record.get("final_loss")
+    return (
+        f"{record['skill']}: {record['steps']} steps in {seconds:.0f} s, "
+        f"{record.get('tokens_per_second', 0):.0f} tokens/s"
+        + (f", final loss {loss:.3f}" if loss is not None else "")
+        + f" -> {record['uri']}"
+    )
+
+
+def _experts(args: argparse.Namespace) -> int:
+    """Only the experts stage of a campaign (what `run` does before seeding)."""
+    from cycleqd.experts import experts_to_train
+
+    workdir = Path(args.workdir)
+    config = prepare_config(args)
+    todo = experts_to_train(config)
+    unknown = sorted(set(args.skill or ()) - set(todo))
+    if unknown:
+        raise CycleQDError(
+            f"--skill {', '.join(unknown)}: not an expert this campaign fine-tunes "
+            f"(those are: {', '.join(todo) or 'none'})"
+        )
+    if not todo:
+        print("every expert of this campaign is given by location: nothing to fine-tune")
+        return 0
+    store_uri = args.store or str(workdir / "campaign")
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or _local_mlflow(workdir))
+    train_experts(config, store_uri, tracking_uri, skills=args.skill or None)
+    return 0
 
 
 def _run_campaign(campaign, config, store, workdir: Path) -> int:
@@ -484,7 +540,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     run.add_argument("--workdir", default="runs/tiny", help="run folder; rerun to resume")
     run.add_argument(
         "--world",
-        choices=("tiny", "probe"),
+        choices=WORLDS,
         default="tiny",
         help="embedded world when no --config: tiny (three skills, trained here once) or probe "
         "(random models, seconds)",
@@ -498,6 +554,18 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
     )
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.set_defaults(handler=_run)
+
+    experts = sub.add_parser(
+        "experts", help="fine-tune the experts a campaign config specifies (run does it too)"
+    )
+    experts.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
+    experts.add_argument("--workdir", default="runs/tiny", help="run folder (as for run)")
+    experts.add_argument("--world", choices=WORLDS, default="tiny", help=argparse.SUPPRESS)
+    experts.add_argument("--store", help="campaign store URI; default: in workdir")
+    experts.add_argument("--skill", action="append", help="only this skill's expert (repeat)")
+    experts.add_argument("--tracking-uri", help="MLflow tracking URI")
+    experts.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    experts.set_defaults(handler=_experts, generations=None)
 
     validate = sub.add_parser("validate", help="check a campaign config")
     validate.add_argument("config")

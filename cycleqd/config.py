@@ -21,10 +21,12 @@ from pydantic import (
 )
 
 from cycleqd.errors import ConfigError
+from cycleqd.finetune_settings import TrainingSettings
 from cycleqd.skills.registry import (
     REGISTRY,
     SkillConfig,
     StrictModel,
+    has_training_set,
     options_class,
     owners_of,
     skill_names,
@@ -172,13 +174,53 @@ class FinalConfig(_Strict):
     method: Literal["merge_best", "best_mean"] = "merge_best"
 
 
+DERIVED = "derived"
+
+
+class ExpertTraining(TrainingSettings):
+    """An expert the campaign fine-tunes from `models.base` (the experts stage, before the
+    archives are seeded), published to the campaign store under `experts/<skill>`.
+
+    `data`: chat JSONL (a file, a folder of *.jsonl or an s3:// URI), or `derived`: the
+    skill's own training part (`cycleqd data training-set`), built from the part of its data
+    set that the skill never scores (the skill then scores its evaluation part by default)."""
+
+    data: str = Field(default=DERIVED, min_length=1)
+    size: int | None = Field(default=None, ge=1, description="derived: at most this many rows")
+
+    @property
+    def derived(self) -> bool:
+        return self.data == DERIVED
+
+    @model_validator(mode="after")
+    def _size_is_for_derived(self) -> ExpertTraining:
+        if self.size is not None and not self.derived:
+            raise ValueError("size: only for data 'derived' (cut your own data set instead)")
+        return self
+
+
+def _expert_tag(value: Any) -> str:
+    return "location" if isinstance(value, str) else "training"
+
+
+ExpertEntry = Annotated[
+    Annotated[str, Tag("location")] | Annotated[ExpertTraining, Tag("training")],
+    Discriminator(_expert_tag),
+]
+
+
 class ModelsConfig(_Strict):
-    """Where the base and the experts live: folders of safetensors (HF layout), as local or
-    mounted paths, `file://` or `s3://` URIs (`cycleqd.model_sources`; read where weights are
-    used, copied once per pod from S3)."""
+    """The base and one expert per skill. Each expert is either where it lives (a folder of
+    safetensors in HF layout: a local or mounted path, `file://` or `s3://`; read where
+    weights are used, copied once per pod from S3), or a fine-tuning spec (`ExpertTraining`):
+    the campaign trains it from the base before seeding and publishes it in its store."""
 
     base: str
-    experts: dict[str, str] = Field(min_length=2)
+    experts: dict[str, ExpertEntry] = Field(min_length=2)
+
+    def trained(self) -> dict[str, ExpertTraining]:
+        """The experts the campaign fine-tunes, by skill."""
+        return {s: e for s, e in self.experts.items() if isinstance(e, ExpertTraining)}
 
 
 class CampaignConfig(_Strict):
@@ -194,6 +236,38 @@ class CampaignConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     final: FinalConfig = FinalConfig()
     dtype: DType = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _score_the_evaluation_part(cls, data: Any) -> Any:
+        """A skill whose expert is fine-tuned on its derived training part scores, unless
+        the config says otherwise, only the other part: no model is scored on what an
+        expert was trained on."""
+        if not isinstance(data, dict):
+            return data
+        experts = (
+            (data.get("models") or {}).get("experts")
+            if isinstance(data.get("models"), dict)
+            else None
+        )
+        skills = data.get("skills")
+        if not isinstance(experts, dict) or not isinstance(skills, list):
+            return data
+        resolved = []
+        for entry in skills:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            spec = experts.get(name) if isinstance(name, str) else None
+            options = options_class(name) if isinstance(name, str) else None
+            if (
+                isinstance(spec, dict)
+                and spec.get("data", DERIVED) == DERIVED
+                and options is not None
+                and "part" in options.model_fields
+                and "part" not in entry
+            ):
+                entry = {**entry, "part": "evaluation"}
+            resolved.append(entry)
+        return {**data, "skills": resolved}
 
     @model_validator(mode="after")
     def _skills_match_experts(self) -> CampaignConfig:
@@ -226,7 +300,16 @@ class CampaignConfig(_Strict):
             )
         missing = [n for n in names if n not in self.models.experts]
         if missing:
-            raise ValueError(f"models.experts: no expert for skill(s) {missing}; one per skill")
+            raise ValueError(
+                f"models.experts: no expert for skill(s) {missing}; one per skill: a model "
+                "location or a fine-tuning spec (e.g. `{data: derived}`)"
+            )
+        for skill, spec in self.models.trained().items():
+            if spec.derived and not has_training_set(skill):
+                raise ValueError(
+                    f"models.experts.{skill}.data: skill {skill!r} has no training set of its "
+                    "own; give a chat JSONL data set (file, folder or s3:// URI)"
+                )
         return self
 
     @property
@@ -246,6 +329,8 @@ class CampaignConfig(_Strict):
 def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
     """The field names allowed at a location of a config (for unknown-field errors)."""
     model = root
+    if tuple(loc[:2]) == ("models", "experts") and len(loc) >= 4:
+        model, loc = ExpertTraining, loc[4:]  # an expert's fine-tuning spec
     for part in loc:
         if isinstance(part, int):
             continue
@@ -283,7 +368,11 @@ def _tagged_variant(model: type[BaseModel], tag: str) -> type[BaseModel] | None:
 
 def _where(loc: tuple) -> str:
     """A dotted location without the tags pydantic inserts (skills.0.coding.x: skills.0.x)."""
-    shown = [str(p) for i, p in enumerate(loc) if not (i and _is_tag(loc[i - 1], p))]
+    shown = [
+        str(p)
+        for i, p in enumerate(loc)
+        if not (i and _is_tag(loc[i - 1], p)) and not _is_expert_tag(loc, i)
+    ]
     return ".".join(shown) or "(top level)"
 
 
@@ -293,7 +382,13 @@ def _is_tag(before: Any, part: Any) -> bool:
     return False
 
 
+def _is_expert_tag(loc: tuple, i: int) -> bool:
+    """models.experts.<skill>.training.x: the tag of a fine-tuning spec (or a location)."""
+    return i == 3 and tuple(loc[:2]) == ("models", "experts") and loc[3] in _EXPERT_TAGS
+
+
 _KINDS = ("transformers", "vllm")
+_EXPERT_TAGS = ("location", "training")
 
 
 def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:

@@ -308,16 +308,22 @@ def open_models(sources: Mapping[str, ModelSource], base: str) -> dict[str, Weig
     return opened
 
 
-def check_models(models) -> None:
-    """Preflight: the base and every expert are there, readable, and share the base's tensors
-    and shapes (`models`: the config's `models` section). Reads headers and config.json only
-    (S3: ranged GETs; nothing is downloaded or written). Raises MissingTensorError,
-    ModelSourceError (unreadable: credentials, endpoint) or ModelMismatchError, naming the
-    model and its location."""
+def check_models(models) -> dict[str, tuple[int, ...]]:
+    """Preflight: the base and every expert given by location are there, readable, and share
+    the base's tensors and shapes (`models`: the config's `models` section; experts the
+    campaign fine-tunes are not there yet). Reads headers and config.json only (S3: ranged
+    GETs; nothing is downloaded or written). Raises MissingTensorError, ModelSourceError
+    (unreadable: credentials, endpoint) or ModelMismatchError, naming the model and its
+    location. Returns the base's tensor shapes by name."""
     base = ModelSource(models.base, "base model")
-    experts = {s: ModelSource(loc, f"expert {s!r}") for s, loc in models.experts.items()}
+    experts = {
+        s: ModelSource(loc, f"expert {s!r}")
+        for s, loc in models.experts.items()
+        if isinstance(loc, str)
+    }
     checked_base = base.checked()
     _check(checked_base, {e.what: e.checked() for e in experts.values()})
+    return checked_base.shapes()
 
 
 def local_folder(location: str | Path, what: str = "model") -> Path:

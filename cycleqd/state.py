@@ -15,6 +15,10 @@ Keys under the campaign's store:
     lease.json                        who writes this campaign, until when
     models/<genome id>/               elite weights breeding reads (+ manifest, written last)
     exports/<genome id>/              exported models (final merges)
+    experts/<skill>/                  experts the campaign fine-tuned (the experts stage;
+                                      + manifest with the genome record, factors.safetensors)
+    training/<skill>.jsonl            the derived training set an expert was trained on
+    checkpoints/experts/<skill>/      a fine-tuning run's checkpoints (deleted once published)
 
 Objects are written whole (S3 PUTs, atomic renames locally), so a crash leaves either the old
 state or the new one, never half of it.
@@ -236,7 +240,7 @@ class CampaignStore:
             ) from None
         except (ValueError, RecursionError) as exc:
             raise CycleQDError(f"cannot read campaign snapshot {self.uri}/{key}: {exc}") from None
-        problem = _snapshot_problem(snapshot, generation, self._config)
+        problem = _snapshot_problem(snapshot, generation, self._config, self)
         if problem:
             raise CycleQDError(f"{self.uri}/{key} is not a valid campaign snapshot: {problem}")
         return snapshot
@@ -349,6 +353,30 @@ class CampaignStore:
         )
 
     # -- weights -------------------------------------------------------------------------------
+
+    # -- experts the campaign fine-tunes ---------------------------------------------------------
+
+    @staticmethod
+    def expert_prefix(skill: str) -> str:
+        return f"experts/{skill}"
+
+    def expert_uri(self, skill: str) -> str:
+        """Where the experts stage publishes this skill's expert (its genome's source)."""
+        return f"{self.uri.rstrip('/')}/{self.expert_prefix(skill)}"
+
+    def expert_location(self, config, skill: str) -> str:
+        """Where a skill's expert is: as the config gives it, or, for an expert the campaign
+        fine-tunes, where the experts stage publishes it in this store."""
+        entry = config.models.experts[skill]
+        return entry if isinstance(entry, str) else self.expert_uri(skill)
+
+    @staticmethod
+    def training_set_key(skill: str) -> str:
+        return f"training/{skill}.jsonl"
+
+    @staticmethod
+    def checkpoints_prefix(skill: str) -> str:
+        return f"checkpoints/experts/{skill}"
 
     def model_uri(self, genome_id: str, area: str = "models") -> str:
         return f"{self.uri.rstrip('/')}/{_model_prefix(area, genome_id)}"
@@ -492,7 +520,9 @@ def _model_prefix(area: str, genome_id: str) -> str:
     return f"{_area(area)}/{genome_id}"
 
 
-def _genome_problem(records: object, config) -> tuple[GenomeBook | None, str | None]:
+def _genome_problem(
+    records: object, config, store: CampaignStore
+) -> tuple[GenomeBook | None, str | None]:
     """Load genome records into a book: (book, None), or (None, what is wrong)."""
     book = GenomeBook()
     try:
@@ -506,7 +536,8 @@ def _genome_problem(records: object, config) -> tuple[GenomeBook | None, str | N
 
         # Base and experts must be this config's models (their ids hash their locations).
         expected = {Genome(kind="base", source=genome_source(config.models.base)).id: "base"}
-        for skill, location in config.models.experts.items():
+        for skill in config.models.experts:
+            location = store.expert_location(config, skill)
             gid = Genome(kind="expert", source=genome_source(location), skill=skill).id
             expected[gid] = skill
         found = {base, *book.expert_ids().values()}
@@ -515,7 +546,9 @@ def _genome_problem(records: object, config) -> tuple[GenomeBook | None, str | N
     return book, None
 
 
-def _snapshot_problem(snapshot: object, generation: int, config) -> str | None:
+def _snapshot_problem(
+    snapshot: object, generation: int, config, store: CampaignStore
+) -> str | None:
     if not isinstance(snapshot, dict):
         return "not a JSON object"
     fields = {"campaign": str, "generation": int, "archives": dict, "genomes": list}
@@ -526,7 +559,7 @@ def _snapshot_problem(snapshot: object, generation: int, config) -> str | None:
         return f"it holds generation {snapshot['generation']}, not {generation}"
     if config is not None and snapshot["campaign"] != config.name:
         return f"it belongs to campaign {snapshot['campaign']!r}, not {config.name!r}"
-    book, problem = _genome_problem(snapshot["genomes"], config)
+    book, problem = _genome_problem(snapshot["genomes"], config, store)
     if problem:
         return problem
     if config is not None:

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 
 import yaml
 
+from cycleqd import experts
 from cycleqd.campaign import Campaign, Evaluator
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.evaluators import build_evaluator, preflight_evaluation
+from cycleqd.experts import check_expert_specs, experts_to_train
 from cycleqd.model_sources import check_models
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
@@ -85,8 +87,9 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
     config = load_config_text(config_yaml)
     preflight_evaluation(config)
     # Headers and config.json only (S3: ranged GETs): models that cannot be read stop the run
-    # before anything is written to the store.
-    check_models(config.models)
+    # before anything is written to the store; the experts to fine-tune (their data, their
+    # LoRA targets against the base's layers) before any GPU is requested.
+    check_expert_specs(config, check_models(config.models))
     store = CampaignStore(store_uri)
     probe = f"preflight/{uuid.uuid4().hex}"
     store.store.put_bytes(probe, b"ok")  # credentials, bucket and write access in one go
@@ -103,6 +106,7 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
         "store_uri": store.uri,
         "latest_generation": -1 if latest is None else latest,
         "target_generations": config.generations,
+        "experts_to_train": experts_to_train(config),
     }
 
 
@@ -118,6 +122,12 @@ def _check_mlflow(tracking_uri: str) -> None:
             f"MLflow at {redact_uri(tracking_uri)} is not reachable ({type(exc).__name__}); "
             "check the tracking URI, or leave it empty to run without tracking"
         ) from None
+
+
+def train_expert(config_yaml: str, store_uri: str, skill: str, tracking_uri: str = "") -> dict:
+    """The experts stage for one skill: fine-tune its expert from the base and publish it in
+    the campaign store (once; a rerun resumes from its checkpoints or reuses it)."""
+    return experts.train_expert(load_config_text(config_yaml), store_uri, skill, tracking_uri)
 
 
 def seed(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> int:

@@ -5,9 +5,10 @@
 - `new_model`: a random Llama (standard init) of a `ModelShape`;
 - `train`: a minimal full fine-tuning loop (AdamW, warmup + cosine, loss on assistant tokens
   only, the chat template exactly as `TransformersBackend` prompts);
-- `build_world`: tokenizer -> base (random init, trained on the mixed general set) -> experts
-  (each fine-tuned from the base on its family), saved as HF folders; returns the `models`
-  section of a campaign config;
+- `build_base`: tokenizer -> base (random init, trained on the mixed general set), and the
+  experts as fine-tuning specs: `cycleqd run` trains them in the pipeline's experts stage;
+- `build_world`: the base, then the experts through that same stage (`cycleqd.experts`), as
+  HF folders; for the feasibility report and tests that need trained experts;
 - `average_merge`: theta_base + mean of the experts' task vectors;
 - ``python -m cycleqd.skills.tiny.train OUT``: builds a world and prints the feasibility report
   (minutes per model, each model's three scores, the average merge's).
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from cycleqd.skills.tiny.data import Example, general_examples, skill_examples, write_jsonl
+from cycleqd.skills.tiny.data import Example, general_examples, write_jsonl
 from cycleqd.skills.tiny.tasks import FAMILIES, generate, skill_templates, warmup_templates
 
 log = logging.getLogger(__name__)
@@ -321,15 +323,15 @@ def average_merge(base, experts):
 # -------------------------------------------------------------------------------- the world
 
 
-def build_world(
+def build_base(
     root: str | Path,
     cfg: WorldConfig = WorldConfig(),
     on_log: Callable[[str], None] | None = None,
-    workers: int = 1,
 ) -> dict[str, Any]:
-    """Train the base and the experts under `root` (`workers` > 1: experts in that many
-    processes at once, one torch thread each); returns
-    ``{"base": folder, "experts": {family: folder}, "report": {...}}``."""
+    """Pre-train the world's base under `root` (its own loop: a random Llama has no chat
+    format to fine-tune from); writes and returns ``{"base": folder, "experts": {family:
+    fine-tuning spec}, "report": {...}}``: the experts are trained by the experts stage
+    (`cycleqd.experts`), as every campaign's are."""
     say = on_log or (lambda text: log.info("%s", text))
     root = Path(root).absolute()  # the campaign config names these folders from anywhere
     root.mkdir(parents=True, exist_ok=True)
@@ -340,14 +342,58 @@ def build_world(
     say(f"tokenizer: {len(tokenizer)} tokens; model: {n_parameters(model) / 1e6:.2f}M parameters")
     report: dict[str, Any] = {"config": asdict(cfg), "parameters": n_parameters(model)}
 
-    def progress(name: str) -> Callable[[int, float], None]:
-        return lambda step, loss: say(f"  {name} step {step}: loss {loss:.4f}")
+    def progress(step: int, loss: float) -> None:
+        say(f"  base step {step}: loss {loss:.4f}")
 
-    stats = train(model, tokenizer, general, cfg.base, on_log=progress("base"))
+    stats = train(model, tokenizer, general, cfg.base, on_log=progress)
     base = save_model(model, tokenizer, root / "base")
     say(f"base: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> {stats.last_loss:.3f}")
     report["base"] = {**asdict(stats), "threads": torch.get_num_threads()}  # weights depend on it
-    jobs = [(str(root), str(base), family, i, cfg) for i, family in enumerate(cfg.families)]
+    world = {"base": str(base), "experts": expert_specs(cfg), "report": report}
+    (root / "world.json").write_text(json.dumps(world, indent=2))  # last: the base is complete
+    return world
+
+
+def expert_specs(cfg: WorldConfig = WorldConfig()) -> dict[str, dict[str, Any]]:
+    """Each family's expert as a campaign fine-tuning spec: full fine-tuning of the base on
+    `n_skill` examples of the family's training split (`derived`), `cfg.expert`'s steps,
+    learning rate, batch and warmup (linear decay), one seed per family."""
+    e = cfg.expert
+    return {
+        family: {
+            "data": "derived",
+            "size": cfg.n_skill,
+            "method": "full",
+            "learning_rate": e.lr,
+            "max_steps": e.steps,
+            "batch_size": e.batch_size,
+            "warmup_steps": e.warmup,
+            "max_length": e.max_len,
+            "adam_betas": [0.9, 0.98],
+            "weight_decay": e.weight_decay,
+            "seed": e.seed + index + 1,
+            "checkpoint_every": max(1, e.steps // 4),
+        }
+        for index, family in enumerate(cfg.families)
+    }
+
+
+def build_world(
+    root: str | Path,
+    cfg: WorldConfig = WorldConfig(),
+    on_log: Callable[[str], None] | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """The base (`build_base`), then the experts through the experts stage into a campaign
+    store under `root` (`workers` > 1: that many processes at once, one torch thread each);
+    returns ``{"base": folder, "experts": {family: folder}, "report": {...}}``."""
+    from cycleqd.state import CampaignStore
+
+    say = on_log or (lambda text: log.info("%s", text))
+    world = build_base(root, cfg, on_log)
+    config = campaign_config(world, name="tiny-world-experts")
+    store = str(Path(root).absolute() / "experts-store")
+    jobs = [(config, store, family) for family in cfg.families]
     if workers > 1:
         # One process per expert, one torch thread each: on a small machine this beats one
         # process with several threads (the model's ops are too small to split well).
@@ -358,35 +404,27 @@ def build_world(
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
             done = list(pool.map(_train_expert, jobs))
     else:
-        done = [_train_expert(job, progress) for job in jobs]
+        done = [_train_expert(job, threads=None) for job in jobs]
     experts: dict[str, str] = {}
-    for family, folder, stats in done:
-        experts[family] = folder
-        say(
-            f"{family} expert: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> "
-            f"{stats.last_loss:.3f}"
-        )
-        report[family] = asdict(stats)
-    (root / "world.json").write_text(
-        json.dumps({"base": str(base), "experts": experts, "report": report}, indent=2)
-    )
-    return {"base": str(base), "experts": experts, "report": report}
+    for record in done:
+        family = record["skill"]
+        experts[family] = str(Path(store) / CampaignStore.expert_prefix(family))  # a folder
+        say(f"{family} expert: {record['steps']} steps, {record['tokens_per_second']:.0f} tokens/s")
+        world["report"][family] = {k: record.get(k) for k in ("steps", "final_loss", "sha256")}
+    world = {**world, "experts": experts}
+    (Path(root) / "world.json").write_text(json.dumps(world, indent=2))
+    return world
 
 
-def _train_expert(
-    job: tuple[str, str, str, int, WorldConfig],
-    progress: Callable[[str], Callable[[int, float], None]] | None = None,
-) -> tuple[str, str, TrainStats]:
-    """Fine-tune one expert from the saved base (also the body of a worker process)."""
-    root, base, family, index, cfg = job
-    if progress is None:  # in a worker process
-        torch.set_num_threads(1)
-    examples = skill_examples(family, cfg.n_skill, cfg.seed, cfg.level)
-    write_jsonl(Path(root) / "data" / f"{family}.jsonl", examples)
-    model, tokenizer = load_model(base)
-    expert_cfg = TrainConfig(**{**asdict(cfg.expert), "seed": cfg.expert.seed + index + 1})
-    stats = train(model, tokenizer, examples, expert_cfg, on_log=progress and progress(family))
-    return family, str(save_model(model, tokenizer, Path(root) / f"expert-{family}")), stats
+def _train_expert(job: tuple[Any, str, str], threads: int | None = 1) -> dict[str, Any]:
+    """One expert through the experts stage (also the body of a worker process)."""
+    from cycleqd.config import parse_config
+    from cycleqd.experts import train_expert
+
+    config, store, family = job
+    if threads:
+        torch.set_num_threads(threads)
+    return train_expert(parse_config(config), store, family)
 
 
 def task_vector_stats(world: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +454,8 @@ def campaign_config(
     population: int = 4,
 ) -> dict[str, Any]:
     """A campaign config (dict) over a built world: the three tiny skills, BC range [0, 1],
-    scored on `samples` held-out questions per skill (seed 1: not the training seed).
+    scored on `samples` held-out questions per skill (seed 1: not the training seed); the
+    experts as the world gives them (fine-tuning specs from `build_base`, or folders).
 
     Measured choices (see README "The tiny skill world"): the official code's expert-SVD
     mutation (rate 0.3) breeds children whose mean beats the experts' average, where the
@@ -433,7 +472,7 @@ def campaign_config(
             {"name": f, "bc_min": 0.0, "bc_max": 1.0, "bins": 15, "samples": samples, "seed": 1}
             for f in FAMILIES
         ],
-        "models": {"base": models["base"], "experts": dict(models["experts"])},
+        "models": {"base": models["base"], "experts": copy.deepcopy(models["experts"])},
         "mutation": {"kind": "svd_expert", "rate": 0.3},
         "evaluation": {"backend": {"kind": "transformers", "device": "cpu", "batch_size": 64}},
         "final": {"method": "best_mean"},
