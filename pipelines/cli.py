@@ -57,6 +57,12 @@ def _run_local(args: argparse.Namespace) -> int:
     remaining = max(config.generations - max(latest or 0, 0), 0)
     if latest is not None:
         print(f"resuming campaign {config.name!r} after generation {latest}")
+    elif config.models.trained():
+        print(
+            f"experts stage: fine-tuning {', '.join(config.models.trained())} from the base "
+            "(published experts are reused)",
+            flush=True,
+        )
     print(
         f"running {remaining} generation(s) through kfp.local (each stage a subprocess) ...",
         flush=True,
@@ -141,9 +147,26 @@ def _progress(store, config):
             f"{fill} elites  {best}\n"
         )
 
+    experts = {skill: False for skill in config.models.trained()}
+
+    def report_experts() -> None:
+        from cycleqd.objectstore import model_is_complete, read_manifest
+
+        for skill, seen in experts.items():
+            prefix = store.expert_prefix(skill)
+            if not seen and model_is_complete(store.store, prefix):
+                experts[skill] = True
+                manifest = read_manifest(store.store, prefix) or {}
+                steps = (manifest.get("training") or {}).get("steps", "?")
+                terminal.write(
+                    f"expert {skill}: published ({manifest.get('method', '?')}, {steps} steps, "
+                    f"sha256 {str(manifest.get('sha256', ''))[:12]})\n"
+                )
+
     def catch_up() -> None:
         nonlocal last
         try:
+            report_experts()
             latest = store.latest_generation()
             while latest is not None and (last is None or latest > last):
                 last = 0 if last is None else last + 1

@@ -1,4 +1,10 @@
-"""The CycleQD pipeline: preflight -> seed -> N unrolled generations -> export.
+"""The CycleQD pipeline: preflight -> experts -> seed -> N unrolled generations -> export.
+
+The experts stage fine-tunes, in parallel over skills, every expert that the config gives as
+a fine-tuning spec (`models.experts.<skill>: {data: derived, method: lora, ...}`) on the
+trainer image and publishes it in the campaign store; the seed task then reads the experts
+from there. Skills whose expert is given by location skip it; a rerun never retrains a
+published expert.
 
 KFP v2 has no while loop, so each run unrolls `generations_per_run` generation sub-pipelines
 at compile time; every generation picks up from the campaign's last committed generation in
@@ -33,6 +39,7 @@ from cycleqd_kfp.components.breed.component import breed
 from cycleqd_kfp.components.commit.component import commit
 from cycleqd_kfp.components.evaluate.component import evaluate
 from cycleqd_kfp.components.export.component import export
+from cycleqd_kfp.components.finetune.component import finetune
 from cycleqd_kfp.components.preflight.component import preflight
 from cycleqd_kfp.components.release.component import release
 from cycleqd_kfp.components.seed.component import seed
@@ -57,6 +64,11 @@ class PipelineOptions:
     evaluation_cpu: str = "8"
     shared_memory: str = "16Gi"
     evaluation_retries: int = 2
+    # The experts stage: one fine-tuning task per skill to train, on the trainer image.
+    gpus_per_finetune: int = 1
+    finetune_memory: str = "64G"
+    finetune_cpu: str = "8"
+    finetune_retries: int = 2
     # A PersistentVolumeClaim holding the base and experts, mounted at `models_mount_path` in
     # the tasks that read weights (preflight, seed, evaluate, export) and in no other; the
     # config then names them by path (models.base: /models/llama-3-8b). Empty: no volume
@@ -86,10 +98,17 @@ def _with_s3_secret(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.Pip
     return task.set_caching_options(False)
 
 
-def _on_gpu(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
+def _on_gpu(
+    task: dsl.PipelineTask, options: PipelineOptions, training: bool = False
+) -> dsl.PipelineTask:
+    """A task on a GPU node: the evaluation resources, or (`training`) the fine-tuning ones."""
     task.set_accelerator_type(options.gpu_resource)
-    task.set_accelerator_limit(options.gpus_per_evaluation)
-    task.set_memory_limit(options.evaluation_memory).set_cpu_limit(options.evaluation_cpu)
+    if training:
+        task.set_accelerator_limit(options.gpus_per_finetune)
+        task.set_memory_limit(options.finetune_memory).set_cpu_limit(options.finetune_cpu)
+    else:
+        task.set_accelerator_limit(options.gpus_per_evaluation)
+        task.set_memory_limit(options.evaluation_memory).set_cpu_limit(options.evaluation_cpu)
     # vLLM and torch workers share tensors through /dev/shm; the default 64 MiB is too small.
     kubernetes.empty_dir_mount(
         task,
@@ -194,6 +213,24 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 options,
                 copies=False,  # headers and config.json only
             ).set_display_name("preflight")
+            with dsl.ParallelFor(checked.output, parallelism=options.parallelism) as skill:
+                trained = _reads_models(
+                    _on_gpu(
+                        finetune(
+                            campaign_config=campaign_config,
+                            store_uri=campaign_store_uri,
+                            skill=skill,
+                            tracking_uri=tracking_uri,
+                        ),
+                        options,
+                        training=True,
+                    ),
+                    options,
+                    copies=False,  # run_finetune fetches the base itself
+                ).set_display_name("fine-tune expert")
+                trained.set_retry(
+                    num_retries=options.finetune_retries, backoff_duration="60s", backoff_factor=2
+                )
             previous = (
                 _reads_models(
                     _on_gpu(
@@ -208,7 +245,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                     options,
                 )
                 .set_display_name("seed archives with experts")
-                .after(checked)
+                .after(trained)
             )
             for index in range(options.generations_per_run):
                 previous = (

@@ -51,6 +51,26 @@ def test_evaluation_runs_on_a_gpu_with_shared_memory_and_tolerations():
     assert "evaluator" in container["image"]
 
 
+def test_experts_are_fine_tuned_on_the_trainer_image_with_a_gpu_before_seeding():
+    spec, platform = _documents(COMPILED)
+    container = _executor(spec, "finetune")
+    assert "cycleqd-trainer" in container["image"]
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert container["resources"]["accelerator"]["resourceCount"] == "1"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]
+    assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+    dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    (name,) = [n for n, t in dag.items() if "preflight" in str(t.get("parameterIterator"))]
+    loop = dag[name]
+    # One fine-tuning task per skill that preflight lists, then the seed.
+    assert loop["dependentTasks"] == ["preflight"]
+    items = loop["parameterIterator"]["items"]["inputParameter"]
+    assert items == "pipelinechannel--preflight-Output"
+    assert dag["seed"]["dependentTasks"] == [name]
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["finetune"]
+    assert body["retryPolicy"]["maxRetryCount"] == PipelineOptions().finetune_retries
+
+
 def test_credentials_come_from_a_kubernetes_secret_never_the_yaml():
     _, platform = _documents(COMPILED)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -61,6 +81,7 @@ def test_credentials_come_from_a_kubernetes_secret_never_the_yaml():
         "exec-seed",
         "exec-export",
         "exec-preflight",
+        "exec-finetune",
         "exec-release",
     ):
         (secret,) = [
@@ -88,7 +109,7 @@ def test_generations_are_unrolled_and_stateful_tasks_never_cached():
 # resumes) are in tests/integration/test_pipeline_local.py.
 
 
-WEIGHT_TASKS = {"preflight", "seed", "evaluate", "export"}
+WEIGHT_TASKS = {"preflight", "finetune", "seed", "evaluate", "export"}
 OTHER_TASKS = {"breed", "commit", "release"}
 
 
@@ -117,7 +138,7 @@ def test_models_volume_is_mounted_only_where_weights_are_read(tmp_path):
         caches = [m for m in config.get("emptyDirMounts", []) if m["volumeName"] == "model-cache"]
         env = spec["deploymentSpec"]["executors"][name]["container"].get("env", [])
         cache_env = [e for e in env if e["name"] == "CYCLEQD_MODEL_CACHE"]
-        if _task(name) in WEIGHT_TASKS - {"preflight"}:
+        if _task(name) in WEIGHT_TASKS - {"preflight", "finetune"}:  # finetune fetches its own
             assert caches[0]["sizeLimit"] == "100Gi"
             assert cache_env == [{"name": "CYCLEQD_MODEL_CACHE", "value": caches[0]["mountPath"]}]
         else:
@@ -146,14 +167,13 @@ def test_compile_flags_set_the_models_volume(tmp_path, capsys):
 
 
 def test_database_password_only_where_skills_are_scored():
-    """The db skill's password (secret cycleqd-db, optional) reaches preflight, seed, evaluate
-    and export, never the tasks that score nothing."""
+    """The db skill's password (secret cycleqd-db, optional) reaches preflight, finetune (a
+    derived training set replays SQL), seed, evaluate and export, never the tasks that score
+    nothing."""
     _, platform = _documents(COMPILED)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name, config in executors.items():
-        secrets = [
-            s for s in config.get("secretAsEnv", []) if s.get("secretName") == "cycleqd-db"
-        ]
+        secrets = [s for s in config.get("secretAsEnv", []) if s.get("secretName") == "cycleqd-db"]
         if _task(name) in WEIGHT_TASKS:
             (secret,) = secrets
             assert secret["optional"] is True

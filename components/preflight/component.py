@@ -4,11 +4,25 @@ from cycleqd_kfp.components.runtime import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preflight(campaign_config: str, store_uri: str, tracking_uri: str, run_owner: str) -> str:
-    """Fail fast on bad setup: config, store credentials and bucket, experts' architectures,
-    another run holding the campaign, MLflow reachability. Returns the campaign's state (JSON)."""
+def preflight(campaign_config: str, store_uri: str, tracking_uri: str, run_owner: str) -> list:
+    """Fail fast on bad setup, before any GPU is requested: config, skills, store credentials
+    and bucket, the experts' architectures, the fine-tuning specs (their data sets, LoRA
+    targets the base has), another run holding the campaign, MLflow reachability. The
+    campaign's state (name, store, last and target generation) goes to the task's log.
+
+    Args:
+        campaign_config: The campaign config (YAML).
+        store_uri: The campaign store (s3://bucket/prefix).
+        tracking_uri: MLflow tracking URI; empty: no tracking.
+        run_owner: This run's id, the campaign lease's owner.
+
+    Returns:
+        The skills whose expert the experts stage fine-tunes (empty: all given by location).
+    """
     import json
 
     from cycleqd import steps
 
-    return json.dumps(steps.preflight(campaign_config, store_uri, tracking_uri, run_owner))
+    state = steps.preflight(campaign_config, store_uri, tracking_uri, run_owner)
+    print(json.dumps(state))
+    return state["experts_to_train"]

@@ -12,19 +12,21 @@ def _config(world, **overrides) -> str:
     return yaml.safe_dump({**tiny.default_config(world), **overrides})
 
 
-def test_reports_a_new_campaign(tiny_world, tmp_path):
+def test_reports_a_new_campaign(tiny_world, tmp_path, capsys):
     out = preflight.python_func(
         campaign_config=_config(tiny_world),
         store_uri=str(tmp_path),
         tracking_uri="",
         run_owner="run-1",
     )
-    assert json.loads(out) == {
+    assert json.loads(capsys.readouterr().out) == {
         "campaign": "tiny",
         "store_uri": tmp_path.as_uri(),
         "latest_generation": -1,
         "target_generations": 12,
+        "experts_to_train": [],
     }
+    assert out == []  # every expert given by location
 
 
 def test_names_what_to_fix(tiny_world, tmp_path):

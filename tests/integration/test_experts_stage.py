@@ -1,0 +1,185 @@
+"""The experts stage: experts given as fine-tuning specs are trained from the base by the
+stage (in process, as a Kubeflow component, through kfp.local), published in the campaign
+store, seeded from there, never trained twice, and a killed run resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cycleqd.config import parse_config
+from cycleqd.errors import CycleQDError
+from cycleqd.experts import experts_to_train, train_expert
+from cycleqd.finetune.expert import published_expert
+from cycleqd.finetune.trainer import list_checkpoints
+from cycleqd.objectstore import model_is_complete
+from cycleqd.skills.tiny import FAMILIES
+from cycleqd.skills.tiny.train import ModelShape, TrainConfig, WorldConfig, build_base
+from cycleqd.skills.tiny.train import campaign_config as tiny_campaign_config
+from cycleqd.state import CampaignStore
+from cycleqd.weights import MANIFEST
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Small enough to train in seconds: poor models, but real ones, trained by the real stage.
+MINI = WorldConfig(
+    shape=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    n_warmup=20,
+    n_general_skill=5,
+    n_skill=40,
+    base=TrainConfig(steps=8, batch_size=8, warmup=2),
+    expert=TrainConfig(steps=4, batch_size=8, warmup=1),
+)
+
+
+@pytest.fixture(scope="module")
+def mini_base(tmp_path_factory) -> dict:
+    return build_base(tmp_path_factory.mktemp("mini-base"), MINI)
+
+
+def _config(world: dict, **overrides) -> dict:
+    data = tiny_campaign_config(world, name="mini", generations=1, samples=3, population=1)
+    return {**data, **overrides}
+
+
+def test_the_stage_publishes_each_expert_once_and_the_campaign_seeds_from_it(mini_base, tmp_path):
+    from cycleqd.campaign import Campaign
+    from cycleqd.evaluators import build_evaluator
+
+    config = parse_config(_config(mini_base))
+    store = CampaignStore(tmp_path / "campaign")
+    assert experts_to_train(config) == list(FAMILIES)
+    with (
+        Campaign(config, store, build_evaluator(config)) as campaign,
+        pytest.raises(CycleQDError, match=r"not published .* run the experts stage first"),
+    ):
+        campaign.seed()
+    records = {s: train_expert(config, store.uri, s) for s in FAMILIES}
+    for skill, record in records.items():
+        assert record["steps"] == MINI.expert.steps and not record["reused"]
+        expert = published_expert(store.store, store.expert_prefix(skill))
+        assert expert.sha256 == record["sha256"]
+        assert store.store.exists(store.training_set_key(skill))  # what it was trained on
+        assert list_checkpoints(store.store, store.checkpoints_prefix(skill)) == []
+    with Campaign(config, store, build_evaluator(config)) as campaign:
+        # The campaign's expert genomes are the published ones (the manifests' records).
+        assert campaign.book.expert_ids() == {s: r["genome_id"] for s, r in records.items()}
+        campaign.seed()
+        assert campaign.generation == 0
+    again = train_expert(config, store.uri, "tiny_sql")
+    assert again["reused"] and again["sha256"] == records["tiny_sql"]["sha256"]
+
+
+def test_a_store_of_another_campaign_is_refused_before_training(mini_base, tmp_path):
+    store = tmp_path / "campaign"
+    train_expert(parse_config(_config(mini_base)), str(store), "tiny_code")
+    other = _config(mini_base)
+    other["models"]["experts"]["tiny_code"]["learning_rate"] = 0.5
+    with pytest.raises(CycleQDError, match="different config"):
+        train_expert(parse_config(other), str(store), "tiny_code")
+
+
+def test_the_finetune_component_trains_and_a_retry_reuses(mini_base, tmp_path):
+    from cycleqd_kfp.components.finetune.component import finetune
+
+    config = yaml.safe_dump(_config(mini_base))
+    args = dict(campaign_config=config, store_uri=str(tmp_path), skill="tiny_shell")
+    first = json.loads(finetune.python_func(**args, tracking_uri=""))
+    assert first["skill"] == "tiny_shell" and not first["reused"]
+    retried = json.loads(finetune.python_func(**args, tracking_uri=""))
+    assert retried["reused"] and retried["sha256"] == first["sha256"]
+
+
+def _experts_cli(config_path: Path, workdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "cycleqd_kfp.pipelines.cli", "experts", "--config"]
+    argv += [str(config_path), "--workdir", str(workdir), "--skill", "tiny_code", "--no-tracking"]
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_task_killed_with_sigkill_and_rerun_publishes_the_same_bytes(
+    tmp_path,
+):
+    """A bigger model than MINI (so that training takes seconds and the kill lands mid-run),
+    killed after its first checkpoint; the rerun resumes and publishes exactly the expert
+    of an uninterrupted run."""
+    world = build_base(
+        tmp_path / "world",
+        WorldConfig(n_warmup=20, n_general_skill=5, base=TrainConfig(steps=4, batch_size=4)),
+    )
+    data = _config(world)
+    data["models"]["experts"]["tiny_code"].update(max_steps=60, checkpoint_every=10)
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    clean = _experts_cli(path, tmp_path / "clean")
+    out, err = clean.communicate(timeout=600)
+    assert clean.returncode == 0, err[-3000:]
+    want = published_expert(
+        CampaignStore(tmp_path / "clean" / "campaign").store, "experts/tiny_code"
+    ).sha256
+
+    killed = CampaignStore(tmp_path / "killed" / "campaign")
+    job = _experts_cli(path, tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    try:
+        while not list_checkpoints(killed.store, "checkpoints/experts/tiny_code"):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.02)
+        os.kill(job.pid, signal.SIGKILL)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.communicate()
+    assert job.returncode == -signal.SIGKILL
+    assert not killed.store.exists(f"experts/tiny_code/{MANIFEST}")  # nothing half-published
+    assert max(list_checkpoints(killed.store, "checkpoints/experts/tiny_code")) < 60
+
+    rerun = _experts_cli(path, tmp_path / "killed")
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "60 steps" in out
+    assert published_expert(killed.store, "experts/tiny_code").sha256 == want  # bit for bit
+
+
+@pytest.mark.slow
+def test_cycleqd_run_shows_the_experts_stage_through_kfp_local(mini_base, tmp_path):
+    """The pipeline's experts stage (ParallelFor over preflight's list, the finetune
+    component) through kfp.local for the tiny world, then seed and one generation."""
+    from cycleqd_kfp.pipelines.cli import main
+
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(_config(mini_base)))
+    workdir = tmp_path / "run"
+    args = ["run", "--config", str(path), "--workdir", str(workdir), "--no-tracking"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cycleqd_kfp.pipelines.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for skill in FAMILIES:
+        assert f"expert {skill}: published (full, {MINI.expert.steps} steps" in proc.stdout
+    store = CampaignStore(workdir / "campaign")
+    snapshot = store.read_snapshot(0)
+    seeded = {g["skill"]: g["id"] for g in snapshot["genomes"] if g["kind"] == "expert"}
+    for skill in FAMILIES:
+        assert model_is_complete(store.store, store.expert_prefix(skill))
+        assert seeded[skill] == published_expert(store.store, f"experts/{skill}").genome_id
+    assert store.latest_generation() == 1
+    # A rerun of the whole run trains nothing again.
+    assert main(args) == 0
