@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cycleqd.errors import CycleQDError
 
-WORLDS = ("tiny", "probe")
+WORLDS = ("tiny", "probe", "smollm2")
 
 
 def _quiet_transformers() -> None:
@@ -32,6 +32,12 @@ def prepare_config(args: argparse.Namespace):
         config = load_config(args.config)
     elif getattr(args, "world", "tiny") == "probe":
         config = parse_config(_probe_world(workdir / "probe-world"), source="embedded probe config")
+    elif args.world == "smollm2":
+        from cycleqd import smollm2_world
+
+        config = parse_config(
+            smollm2_world.world_config(workdir / "world"), source="embedded small real world"
+        )
     else:
         config = parse_config(_tiny_world(workdir / "world"), source="embedded tiny-world config")
     if args.generations is not None:
@@ -537,13 +543,16 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a CycleQD campaign locally on the CPU")
     run.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
-    run.add_argument("--workdir", default="runs/tiny", help="run folder; rerun to resume")
+    run.add_argument(
+        "--workdir", help="run folder; rerun to resume (default runs/tiny, runs/smollm2)"
+    )
     run.add_argument(
         "--world",
         choices=WORLDS,
         default="tiny",
-        help="embedded world when no --config: tiny (three skills, trained here once) or probe "
-        "(random models, seconds)",
+        help="embedded world when no --config: tiny (three skills, trained here once), probe "
+        "(random models, seconds) or smollm2 (SmolLM2-135M-Instruct, LoRA experts fine-tuned "
+        "on the real skills' training parts; needs $CYCLEQD_DATA, MariaDB, bubblewrap)",
     )
     run.add_argument("--generations", type=int, help="override the config's generations")
     run.add_argument(
@@ -559,7 +568,7 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
         "experts", help="fine-tune the experts a campaign config specifies (run does it too)"
     )
     experts.add_argument("--config", help="campaign YAML (default: the embedded tiny world)")
-    experts.add_argument("--workdir", default="runs/tiny", help="run folder (as for run)")
+    experts.add_argument("--workdir", help="run folder (as for run)")
     experts.add_argument("--world", choices=WORLDS, default="tiny", help=argparse.SUPPRESS)
     experts.add_argument("--store", help="campaign store URI; default: in workdir")
     experts.add_argument("--skill", action="append", help="only this skill's expert (repeat)")
@@ -618,6 +627,9 @@ def build_parser(extend=None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, extend=None) -> int:
     args = build_parser(extend).parse_args(argv)
+    if hasattr(args, "workdir") and args.workdir is None:
+        smollm2 = args.world == "smollm2" and not args.config
+        args.workdir = "runs/smollm2" if smollm2 else "runs/tiny"
     _quiet_transformers()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from cycleqd.config import CampaignConfig, ExpertTraining
@@ -28,6 +29,11 @@ from cycleqd.finetune_settings import missing_targets
 from cycleqd.state import CampaignStore
 
 log = logging.getLogger(__name__)
+
+# Torch threads of a fine-tuning process (unset: torch's default). A local run that trains
+# experts side by side on a few cores sets it: tiny models train faster as one thread per
+# process than as processes that share cores between threads. The weights depend on it.
+THREADS_ENV = "CYCLEQD_FINETUNE_THREADS"
 
 
 def experts_to_train(config: CampaignConfig) -> list[str]:
@@ -127,6 +133,11 @@ def train_expert(
     from cycleqd.finetune.run import run_finetune
 
     spec = _spec(config, skill)
+    threads = os.environ.get(THREADS_ENV, "").strip()
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     store = CampaignStore(store_uri)
     if not store.check_config(config):  # a store of another campaign is refused here
         store.write_config(config.to_yaml())

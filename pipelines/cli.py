@@ -40,9 +40,11 @@ def _run_local(args: argparse.Namespace) -> int:
     generations unrolled as in the cluster, state in the campaign store."""
     from kfp import local
 
+    from cycleqd import steps
     from cycleqd.campaign import Campaign
     from cycleqd.evaluation_service import evaluation_service
     from cycleqd.evaluators import build_evaluator
+    from cycleqd.experts import THREADS_ENV
     from cycleqd.state import DRIVER_PID_ENV, CampaignStore
     from cycleqd_kfp.pipelines.cycleqd_pipeline import PipelineOptions, build_pipeline
 
@@ -53,6 +55,9 @@ def _run_local(args: argparse.Namespace) -> int:
     tracking_uri = (
         "" if args.no_tracking else (args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}")
     )
+    # The pipeline's preflight, here first: a mistake is one message, not a task's traceback
+    # in kfp.local's log, and nothing (no expert) is trained or written.
+    steps.preflight(config.to_yaml(), store_uri, tracking_uri)
     latest = CampaignStore(store_uri).latest_generation()
     remaining = max(config.generations - max(latest or 0, 0), 0)
     if latest is not None:
@@ -74,7 +79,16 @@ def _run_local(args: argparse.Namespace) -> int:
     )
     # No model cache volume: kfp.local would point the tasks at the pods' cache path; here
     # s3:// models are copied into this user's cache (cycleqd.model_sources.cache_root).
-    options = PipelineOptions(generations_per_run=remaining, parallelism=1, model_cache_size="")
+    # Experts side by side, one process per core with one torch thread each.
+    cores = os.cpu_count() or 1
+    side_by_side = max(1, min(cores, len(config.models.trained())))
+    os.environ.setdefault(THREADS_ENV, str(max(1, cores // side_by_side)))
+    options = PipelineOptions(
+        generations_per_run=remaining,
+        parallelism=1,
+        finetune_parallelism=side_by_side,
+        model_cache_size="",
+    )
     pipeline = build_pipeline(options)
     log_path = workdir / "kfp-local.log"
     print(f"task logs: {log_path}", flush=True)

@@ -64,7 +64,9 @@ class PipelineOptions:
     evaluation_cpu: str = "8"
     shared_memory: str = "16Gi"
     evaluation_retries: int = 2
-    # The experts stage: one fine-tuning task per skill to train, on the trainer image.
+    # The experts stage: one fine-tuning task per skill to train, on the trainer image, at
+    # most `finetune_parallelism` at once (0: `parallelism`).
+    finetune_parallelism: int = 0
     gpus_per_finetune: int = 1
     finetune_memory: str = "64G"
     finetune_cpu: str = "8"
@@ -213,7 +215,10 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 options,
                 copies=False,  # headers and config.json only
             ).set_display_name("preflight")
-            with dsl.ParallelFor(checked.output, parallelism=options.parallelism) as skill:
+            with dsl.ParallelFor(
+                checked.output,
+                parallelism=options.finetune_parallelism or options.parallelism,
+            ) as skill:
                 trained = _reads_models(
                     _on_gpu(
                         finetune(

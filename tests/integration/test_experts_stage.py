@@ -183,3 +183,52 @@ def test_cycleqd_run_shows_the_experts_stage_through_kfp_local(mini_base, tmp_pa
     assert store.latest_generation() == 1
     # A rerun of the whole run trains nothing again.
     assert main(args) == 0
+
+
+def test_bad_fine_tuning_specs_stop_the_run_before_any_training(
+    mini_base, tmp_path, capsys, reliability
+):
+    """Through `cycleqd run` (the pipeline's preflight, run first): data that is not chat
+    JSONL, a conversation without an assistant turn, a LoRA target the base lacks, an expert
+    spec for a skill the campaign does not have. One message each; nothing trained or
+    published."""
+    from cycleqd_kfp.pipelines.cli import main
+
+    not_chat = tmp_path / "not-chat.jsonl"
+    not_chat.write_text('{"text": "a plain text corpus line"}\n')
+    no_answer = tmp_path / "no-answer.jsonl"
+    no_answer.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    lora = {"method": "lora", "lora": {"rank": 4, "target_modules": ["c_attn"]}}
+    cases = {
+        "data not chat JSONL": ({"data": str(not_chat)}, 'expected an object with a "messages"'),
+        "no assistant turn": ({"data": str(no_answer)}, "assistant"),
+        "LoRA target the base lacks": (lora, "['c_attn'] match no linear layer of the base"),
+        "spec for a skill not in the campaign": (None, "unknown skill(s) ['coding']"),
+    }
+    clear = {}
+    for what, (change, expected) in cases.items():
+        data = _config(mini_base)
+        tiny_sql = data["models"]["experts"]["tiny_sql"]
+        if change is None:
+            data["models"]["experts"]["coding"] = {"data": "derived"}
+        else:
+            data["models"]["experts"]["tiny_sql"] = {
+                **{k: v for k, v in tiny_sql.items() if k not in ("size", "method")},
+                **change,
+            }
+        path = tmp_path / f"{what}.yaml".replace(" ", "-")
+        path.write_text(yaml.safe_dump(data))
+        workdir = tmp_path / what.replace(" ", "-")
+        code = main(["run", "--config", str(path), "--workdir", str(workdir), "--no-tracking"])
+        err = capsys.readouterr().err
+        store = workdir / "campaign"
+        nothing = not (store / "experts").exists() and not (store / "training").exists()
+        clear[what] = code == 2 and expected in err and "Traceback" not in err and nothing
+        assert clear[what], (what, err)
+    reliability.record(
+        "Hostile inputs",
+        "Bad expert fine-tuning specs, through `cycleqd run`",
+        tried=len(clear),
+        survived=sum(clear.values()),
+        detail=", ".join(clear) + "; one message each before any training, nothing published",
+    )
