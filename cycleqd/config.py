@@ -304,6 +304,11 @@ class CampaignConfig(_Strict):
                 f"models.experts: no expert for skill(s) {missing}; one per skill: a model "
                 "location or a fine-tuning spec (e.g. `{data: derived}`)"
             )
+        if self.models.trained() and self.evaluation.scorer == "probe":
+            raise ValueError(
+                "models.experts: the probe scorer compares models with each expert's weights, "
+                "so its experts are given by location, not fine-tuned by the campaign"
+            )
         for skill, spec in self.models.trained().items():
             if spec.derived and not has_training_set(skill):
                 raise ValueError(

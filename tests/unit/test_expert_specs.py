@@ -81,12 +81,15 @@ def test_a_spec_for_a_skill_that_is_not_in_the_campaign_is_refused():
     assert "models.experts: unknown skill(s) ['tiny_sql']" in message
 
 
-def test_a_skill_without_a_training_set_needs_data():
-    data = _config({"probe_a": {}, "probe_b": "/e"}, skills=("probe_a", "probe_b"))
+def test_fine_tuned_experts_need_a_skill_with_a_training_set_and_real_scoring():
+    from cycleqd.skills import registry
+
+    assert all(registry.has_training_set(name) for name in registry.REGISTRY)
+    data = _config(
+        {"probe_a": {"data": "/d/chat.jsonl"}, "probe_b": "/e"}, skills=("probe_a", "probe_b")
+    )
     data["evaluation"] = {"scorer": "probe"}
-    assert "models.experts.probe_a.data: skill 'probe_a' has no training set" in _error(data)
-    data["models"]["experts"]["probe_a"] = {"data": "/d/chat.jsonl"}
-    assert parse_config(data).models.trained()["probe_a"].data == "/d/chat.jsonl"
+    assert "the probe scorer compares models with each expert's weights" in _error(data)
 
 
 def test_lora_targets_are_checked_against_the_base_header():
