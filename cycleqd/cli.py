@@ -143,10 +143,14 @@ def _local_mlflow(workdir: Path) -> str:
 def train_experts(config, store_uri: str, tracking_uri: str = "", skills=None) -> list[dict]:
     """The experts stage in this process: every expert the config fine-tunes, one after
     another (published ones are reused), with a line per expert."""
-    from cycleqd.experts import experts_to_train, train_expert
+    from cycleqd.experts import check_expert_specs, experts_to_train, train_expert
+    from cycleqd.model_sources import check_models
 
+    todo = skills or experts_to_train(config)
+    if todo:  # data sets and LoRA targets first: a mistake stops here, nothing trained
+        check_expert_specs(config, check_models(config.models))
     records = []
-    for skill in skills or experts_to_train(config):
+    for skill in todo:
         spec = config.models.experts[skill]
         print(f"expert {skill}: fine-tuning ({spec.method}) ...", flush=True)
         started = time.perf_counter()
