@@ -22,22 +22,14 @@ from cycleqd.finetune.expert import published_expert
 from cycleqd.finetune.trainer import list_checkpoints
 from cycleqd.objectstore import model_is_complete
 from cycleqd.skills.tiny import FAMILIES
-from cycleqd.skills.tiny.train import ModelShape, TrainConfig, WorldConfig, build_base
+from cycleqd.skills.tiny.train import MINI_WORLD, TrainConfig, WorldConfig, build_base
 from cycleqd.skills.tiny.train import campaign_config as tiny_campaign_config
 from cycleqd.state import CampaignStore
 from cycleqd.weights import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Small enough to train in seconds: poor models, but real ones, trained by the real stage.
-MINI = WorldConfig(
-    shape=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
-    n_warmup=20,
-    n_general_skill=5,
-    n_skill=40,
-    base=TrainConfig(steps=8, batch_size=8, warmup=2),
-    expert=TrainConfig(steps=4, batch_size=8, warmup=1),
-)
+MINI = MINI_WORLD
 
 
 @pytest.fixture(scope="module")

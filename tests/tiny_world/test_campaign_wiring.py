@@ -14,18 +14,10 @@ from cycleqd.errors import ConfigError
 from cycleqd.evaluators import LazyEvaluator, build_evaluator
 from cycleqd.skills.evaluator import SkillsEvaluator
 from cycleqd.skills.tiny import FAMILIES, TinySkill
-from cycleqd.skills.tiny.train import ModelShape, TrainConfig, WorldConfig, build_world
+from cycleqd.skills.tiny.train import MINI_WORLD, build_world
 from cycleqd.skills.tiny.train import campaign_config as tiny_campaign_config
 
-# A world small enough to train in seconds: its models are poor, but real and trained.
-MINI = WorldConfig(
-    shape=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
-    n_warmup=20,
-    n_general_skill=5,
-    n_skill=40,
-    base=TrainConfig(steps=8, batch_size=8, warmup=2),
-    expert=TrainConfig(steps=4, batch_size=8, warmup=1),
-)
+MINI = MINI_WORLD
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,17 @@ class WorldConfig:
     families: tuple[str, ...] = FAMILIES
 
 
+# A world small enough to train in seconds (tests): its models are poor, but real and trained.
+MINI_WORLD = WorldConfig(
+    shape=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    n_warmup=20,
+    n_general_skill=5,
+    n_skill=40,
+    base=TrainConfig(steps=8, batch_size=8, warmup=2),
+    expert=TrainConfig(steps=4, batch_size=8, warmup=1),
+)
+
+
 # ------------------------------------------------------------------------------ tokenizer
 
 
