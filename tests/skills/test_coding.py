@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from cycleqd.generate.base import SamplingParams
-from cycleqd.sandbox import SandboxError, SandboxUnavailableError
-from cycleqd.sandbox.bwrap import BwrapBackend
 from cycleqd.skills.coding import (
     SYSTEM_MESSAGE,
     CodingSkill,
@@ -32,6 +30,8 @@ from cycleqd.skills.data import (
     load_jsonl,
 )
 
+from .services import sandbox_skip
+
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not (DATA / MBPP_PLUS).exists(),
@@ -39,21 +39,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def _sandbox_skip() -> str | None:
-    reason = BwrapBackend.available()
-    if reason:
-        return reason
-    try:
-        from cycleqd.sandbox import Limits, Sandbox
-
-        with Sandbox.open(Limits(), backend="bwrap") as s:
-            s.run("true")
-    except (SandboxError, SandboxUnavailableError) as exc:
-        return f"the bwrap sandbox cannot start here: {exc}"
-    return None
-
-
-_SKIP = _sandbox_skip()
+_SKIP = sandbox_skip()
 needs_sandbox = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,15 +41,10 @@ from cycleqd.skills.db_sandbox import (
     split_first_statement,
 )
 
+from .services import HOW_TO_MYSQL, MYSQL_URL
+
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 DEV_SET = DATA / "agentbench_dbbench_dev.jsonl"
-MYSQL_URL = os.environ.get("CYCLEQD_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
-HOW_TO_MYSQL = (
-    "needs a MySQL/MariaDB server whose account may create databases and users: start one "
-    "(e.g. `mariadbd` or `docker run -e MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1 -p 3306:3306 "
-    "mariadb`) or set CYCLEQD_TEST_MYSQL_URL=mysql://user:password@host:port; and PyMySQL "
-    "(`pip install pymysql`)"
-)
 
 
 # ------------------------------------------------------------------------------ fixtures

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cycleqd.sandbox import SandboxError, SandboxUnavailableError
-from cycleqd.sandbox.bwrap import BwrapBackend
 from cycleqd.skills.data import AGENTBENCH_OS
 from cycleqd.skills.os_skill import (
     EMPTY_OUTPUT,
@@ -26,6 +24,8 @@ from cycleqd.skills.os_skill import (
     parse_action,
 )
 
+from .services import sandbox_skip
+
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not (DATA / AGENTBENCH_OS).exists(),
@@ -33,21 +33,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def _sandbox_skip() -> str | None:
-    reason = BwrapBackend.available()
-    if reason:
-        return reason
-    try:
-        from cycleqd.sandbox import Limits, Sandbox
-
-        with Sandbox.open(Limits(user="root", cwd="/"), backend="bwrap") as s:
-            s.run("true")
-    except (SandboxError, SandboxUnavailableError) as exc:
-        return f"the bwrap sandbox cannot start here: {exc}"
-    return None
-
-
-_SKIP = _sandbox_skip()
+_SKIP = sandbox_skip(user="root", cwd="/")
 needs_sandbox = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 INT_CHECK = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -31,14 +30,9 @@ from cycleqd.skills.registry import (
 from cycleqd.skills.split import TRAINING_FRACTION, part_of
 from cycleqd.skills.training_sets import TrainingSet, result_values, training_set
 
+from .services import HOW_TO_MYSQL, MYSQL_URL, sandbox_skip
+
 DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
-MYSQL_URL = os.environ.get("CYCLEQD_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
-HOW_TO_MYSQL = (
-    "needs a MySQL/MariaDB server whose account may create databases and users: start one "
-    "(e.g. `mariadbd` or `docker run -e MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1 -p 3306:3306 "
-    "mariadb`) or set CYCLEQD_TEST_MYSQL_URL=mysql://user:password@host:port; and PyMySQL "
-    "(`pip install pymysql`)"
-)
 FILES = {"coding": MBPP_PLUS, "db": DBBENCH_DEV, "os": AGENTBENCH_OS}
 
 needs_data = pytest.mark.skipif(
@@ -47,23 +41,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def _sandbox_skip() -> str | None:
-    from cycleqd.sandbox import Limits, Sandbox, SandboxError
-    from cycleqd.sandbox.base import SandboxUnavailableError
-    from cycleqd.sandbox.bwrap import BwrapBackend
-
-    reason = BwrapBackend.available()
-    if reason:
-        return f"needs the bubblewrap sandbox: {reason}"
-    try:
-        with Sandbox.open(Limits(user="root", cwd="/"), backend="bwrap") as s:
-            s.run("true")
-    except (SandboxError, SandboxUnavailableError) as exc:
-        return f"the bwrap sandbox cannot start here (user namespaces?): {exc}"
-    return None
-
-
-_SANDBOX_SKIP = _sandbox_skip()
+_SANDBOX_SKIP = sandbox_skip(user="root", cwd="/")
 needs_sandbox = pytest.mark.skipif(_SANDBOX_SKIP is not None, reason=str(_SANDBOX_SKIP))
 
 
