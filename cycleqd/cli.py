@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     with Campaign(config, store, evaluator, tracker) as campaign:
         code = _run_campaign(campaign, config, store, workdir)
     if tracker is not None:
-        where = args.tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
+        where = args.tracking_uri or _local_mlflow(workdir)
         missed = tracker.missed()
         from cycleqd.redact import redact_uri
 

@@ -18,7 +18,6 @@ what it was trained on.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -91,8 +90,7 @@ def training_data(config: CampaignConfig, store: CampaignStore, skill: str) -> s
                 f"({built.candidates} candidates, rejected: {built.rejected}); give "
                 f"models.experts.{skill}.data instead"
             )
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in built.rows)
-        store.store.put_bytes(key, text.encode())
+        store.store.put_bytes(key, built.jsonl())
         log.info(
             "training set %s: %d conversations of %d candidates (rejected %s) in %.1f s",
             skill,

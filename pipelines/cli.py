@@ -52,9 +52,7 @@ def _run_local(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = core.prepare_config(args)
     store_uri = args.store or str(workdir / "campaign")
-    tracking_uri = (
-        "" if args.no_tracking else (args.tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}")
-    )
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or core._local_mlflow(workdir))
     # The pipeline's preflight, here first: a mistake is one message, not a task's traceback
     # in kfp.local's log, and nothing (no expert) is trained or written.
     steps.preflight(config.to_yaml(), store_uri, tracking_uri)

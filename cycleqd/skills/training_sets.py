@@ -120,13 +120,14 @@ class TrainingSet:
             f"{f'; rejected: {why}' if why else ''} ({self.seconds:.1f} s)"
         )
 
-    def write_jsonl(self, path: str | Path) -> Path:
+    def jsonl(self) -> bytes:
         """The rows as chat JSONL (`{"messages": [...], "id": ...}` per line)."""
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows).encode()
+
+    def write_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for row in self.rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        path.write_bytes(self.jsonl())
         return path
 
 
