@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     config = prepare_config(args)
     evaluator = build_evaluator(config)
     store = CampaignStore(args.store or workdir / "campaign")
-    tracking_uri = "" if args.no_tracking else (args.tracking_uri or _local_mlflow(workdir))
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or local_mlflow_uri(workdir))
     train_experts(config, store.uri, tracking_uri)
     tracker = None
     if not args.no_tracking:
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     with Campaign(config, store, evaluator, tracker) as campaign:
         code = _run_campaign(campaign, config, store, workdir)
     if tracker is not None:
-        where = args.tracking_uri or _local_mlflow(workdir)
+        where = args.tracking_uri or local_mlflow_uri(workdir)
         missed = tracker.missed()
         from cycleqd.redact import redact_uri
 
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-def _local_mlflow(workdir: Path) -> str:
+def local_mlflow_uri(workdir: Path) -> str:
     """The embedded tracking default: a SQLite MLflow store in the run folder."""
     return f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
 
@@ -189,7 +189,7 @@ def _experts(args: argparse.Namespace) -> int:
         print("every expert of this campaign is given by location: nothing to fine-tune")
         return 0
     store_uri = args.store or str(workdir / "campaign")
-    tracking_uri = "" if args.no_tracking else (args.tracking_uri or _local_mlflow(workdir))
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or local_mlflow_uri(workdir))
     train_experts(config, store_uri, tracking_uri, skills=args.skill or None)
     return 0
 

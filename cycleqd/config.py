@@ -245,11 +245,8 @@ class CampaignConfig(_Strict):
         expert was trained on."""
         if not isinstance(data, dict):
             return data
-        experts = (
-            (data.get("models") or {}).get("experts")
-            if isinstance(data.get("models"), dict)
-            else None
-        )
+        models = data.get("models")
+        experts = models.get("experts") if isinstance(models, dict) else None
         skills = data.get("skills")
         if not isinstance(experts, dict) or not isinstance(skills, list):
             return data

@@ -52,7 +52,7 @@ def _run_local(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = core.prepare_config(args)
     store_uri = args.store or str(workdir / "campaign")
-    tracking_uri = "" if args.no_tracking else (args.tracking_uri or core._local_mlflow(workdir))
+    tracking_uri = "" if args.no_tracking else (args.tracking_uri or core.local_mlflow_uri(workdir))
     # The pipeline's preflight, here first: a mistake is one message, not a task's traceback
     # in kfp.local's log, and nothing (no expert) is trained or written.
     steps.preflight(config.to_yaml(), store_uri, tracking_uri)
@@ -162,13 +162,13 @@ def _progress(store, config):
     experts = {skill: False for skill in config.models.trained()}
 
     def report_experts() -> None:
-        from cycleqd.objectstore import model_is_complete, read_manifest
+        from cycleqd.finetune.expert import published_expert
 
         for skill, seen in experts.items():
-            prefix = store.expert_prefix(skill)
-            if not seen and model_is_complete(store.store, prefix):
+            expert = None if seen else published_expert(store.store, store.expert_prefix(skill))
+            if expert is not None:
                 experts[skill] = True
-                manifest = read_manifest(store.store, prefix) or {}
+                manifest = expert.manifest
                 steps = (manifest.get("training") or {}).get("steps", "?")
                 terminal.write(
                     f"expert {skill}: published ({manifest.get('method', '?')}, {steps} steps, "
