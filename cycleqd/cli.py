@@ -126,11 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     with Campaign(config, store, evaluator, tracker) as campaign:
         code = _run_campaign(campaign, config, store, workdir)
     if tracker is not None:
-        where = args.tracking_uri or local_mlflow_uri(workdir)
         missed = tracker.missed()
         from cycleqd.redact import redact_uri
 
-        shown = redact_uri(where)
+        shown = redact_uri(tracking_uri)
         print(f"MLflow: {shown}" + (f" ({len(missed)} events not delivered)" if missed else ""))
     return code
 
