@@ -175,6 +175,17 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     state = session.config.stash.get(_RELIABILITY_KEY, None)
     if not state or not state["ran"]:
         return
+    import fcntl
+
+    # Under pytest-xdist every worker merges its own rows: one at a time, each keeping the
+    # rows of the tests it did not run, so the workers' disjoint shares all land.
+    RELIABILITY_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RELIABILITY_RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_reliability_rows(state)
+
+
+def _merge_reliability_rows(state: dict) -> None:
     import json
     import platform
     import time
@@ -192,7 +203,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         failed = row["nodeid"] in state["failed"]
         fresh.append({**row, "failed": failed, "date": time.strftime("%Y-%m-%d")})
     rows = sorted(kept + fresh, key=lambda r: (SECTIONS.index(r["section"]), r["nodeid"]))
-    RELIABILITY_RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RELIABILITY_RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     RELIABILITY_DOC.write_text(_reliability_markdown(rows, platform.platform()))
 
