@@ -14,6 +14,7 @@ import numpy as np
 
 from cycleqd.config import CampaignConfig, SamplingConfig, SkillConfig
 from cycleqd.errors import CycleQDError
+from cycleqd.sampling import SAMPLING
 
 Cell = tuple[int, ...]
 
@@ -194,36 +195,11 @@ class ArchiveSet:
         return isinstance(other, ArchiveSet) and self.to_dict() == other.to_dict()
 
 
-def _normalise(values: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
-    lo, hi = values.min(), values.max()
-    if lo == hi:
-        return np.ones_like(values, dtype=float)
-    unit = (values - lo) / (hi - lo)
-    if sampling.formula == "paper":
-        return sampling.a_lo + unit * (sampling.a_hi - sampling.a_lo)
-    return sampling.a_lo + unit * sampling.a_hi  # the official code's scaling
-
-
 def sampling_probabilities(
     archive: Archive, sampling: SamplingConfig
 ) -> tuple[list[Cell], np.ndarray]:
-    """Per-elite parent probabilities, cells in sorted order.
-
-    Elite sampling: the product over quality and every BC coordinate (the cell index) of the
-    min-max normalised value mapped to [a_lo, a_hi]; uniform: equal weights.
-    """
-    cells = sorted(archive.cells)
-    if sampling.method == "uniform" or not cells:
-        return cells, np.full(len(cells), 1.0 / max(len(cells), 1))
-    probs = _normalise(np.array([archive.cells[c].quality for c in cells], dtype=float), sampling)
-    coords = np.array(cells, dtype=float).reshape(len(cells), -1)
-    for axis in range(coords.shape[1]):
-        probs = probs * _normalise(coords[:, axis], sampling)
-    total = probs.sum()
-    if total <= 0:
-        probs = np.ones(len(cells))
-        total = float(len(cells))
-    return cells, probs / total
+    """Per-elite parent probabilities, cells in sorted order (see `cycleqd.sampling`)."""
+    return SAMPLING[sampling.method].probabilities(archive, sampling)
 
 
 def sample_parents(

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from cycleqd.archive import ArchiveSet, sample_parents
-from cycleqd.config import CampaignConfig
+from cycleqd.config import CampaignConfig, FinalConfig
+from cycleqd.crossovers import CROSSOVERS
 from cycleqd.errors import CycleQDError, NonFiniteWeightsError
-from cycleqd.genome import Genome, GenomeBook, Mutation
+from cycleqd.final_methods import FINAL_METHODS
+from cycleqd.genome import Genome, GenomeBook
 from cycleqd.model_sources import ModelSource, Weights, open_models
+from cycleqd.mutations import MUTATIONS
 from cycleqd.objectstore import RemoteSafetensors, model_is_complete, read_manifest
-from cycleqd.operators import aggregation_weights, crossover_weights
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import NullTracker, Tracker
 from cycleqd.weights import SafetensorsFolder
@@ -73,26 +75,20 @@ def breed(
     """The children of one generation, all bred from the archives as they stand."""
     skill = config.skill_names[generation % len(config.skills)]
     experts = book.expert_ids()
-    mutation = config.mutation
-    scale = {"svd": mutation.w_max, "svd_expert": mutation.rate, "gaussian": mutation.sigma}.get(
-        mutation.kind, 0.0
-    )
+    crossover = CROSSOVERS[config.crossover.method]
+    mutation = MUTATIONS[config.mutation.kind]
     children = []
     for index in range(config.population):
         rng = np.random.default_rng([config.seed, generation, index])
         parents = sample_parents(archives, skill, config.sampling, rng, experts.values())
-        weights = crossover_weights(rng, 2, config.crossover.mu, config.crossover.sigma)
+        weights = crossover.weights(config.crossover, rng, len(parents))
+        seed = int(rng.integers(2**31))
         children.append(
             Genome(
                 kind="child",
                 parents=parents,
-                weights=tuple(float(w) for w in weights),
-                mutation=Mutation(
-                    kind=mutation.kind,
-                    seed=int(rng.integers(2**31)),
-                    scale=scale,
-                    expert=experts[skill] if mutation.kind == "svd_expert" else None,
-                ),
+                weights=weights,
+                mutation=mutation.recipe(config.mutation, seed, experts[skill]),
                 skill=skill,
                 generation=generation,
             )
@@ -100,27 +96,11 @@ def breed(
     return children
 
 
-def final_genome(archives: ArchiveSet, method: str = "merge_best") -> Genome:
-    """The final model (see `FinalConfig`): the best elite of each archive merged with
-    beta = softmax(quality), or the elite with the best mean score over the skills."""
-    if method == "best_mean":
-        elites = sorted(
-            (e for s in archives.skill_names for e in archives[s].cells.values()),
-            key=lambda e: e.genome_id,  # ties: the same pick whatever the insertion order
-        )
-        if not elites:
-            raise ValueError("the archives are empty: seed them with the experts first")
-        best = max(elites, key=lambda e: sum(e.scores.values()) / len(e.scores))
-        return Genome(kind="final", parents=(best.genome_id,), weights=(1.0,))
-    if method != "merge_best":
-        raise ValueError(f"unknown final method {method!r}")
-    bests = [archives[s].best() for s in archives.skill_names]
-    beta = aggregation_weights(np.array([b.quality for b in bests]))
-    return Genome(
-        kind="final",
-        parents=tuple(b.genome_id for b in bests),
-        weights=tuple(float(b) for b in beta),
-    )
+def final_genome(archives: ArchiveSet, final: FinalConfig | str = "merge_best") -> Genome:
+    """The final model by the config's method (`cycleqd.final_methods`), or by a method's
+    name with its default options."""
+    options = FINAL_METHODS.options_of(final)() if isinstance(final, str) else final
+    return FINAL_METHODS[options.method].genome(archives, options)
 
 
 class Campaign:
@@ -504,7 +484,7 @@ class Campaign:
                 on_generation(self.generation, results)
 
     def finalize(self) -> tuple[str, dict[str, float] | None]:
-        genome = final_genome(self.archives, self.config.final.method)
+        genome = final_genome(self.archives, self.config.final)
         gid = self.book.add(genome)
         return gid, self.evaluate(gid)
 

@@ -418,12 +418,14 @@ def _latest_export(store, exported: list[str]) -> str:
 
     from cycleqd.archive import ArchiveSet
     from cycleqd.campaign import final_genome
-    from cycleqd.config import parse_config
+    from cycleqd.config import parse_stored_config
 
-    config = parse_config(yaml.safe_load(store.read_config_text() or "{}"), source="store config")
+    config = parse_stored_config(
+        yaml.safe_load(store.read_config_text() or "{}"), source="store config"
+    )
     archives = ArchiveSet.for_config(config)
     archives.load_dict(store.read_snapshot(store.latest_generation())["archives"])
-    genome = final_genome(archives, config.final.method).id
+    genome = final_genome(archives, config.final).id
     if genome not in exported:
         raise CycleQDError(
             f"the final merge of the last generation ({genome}) was not exported yet; "

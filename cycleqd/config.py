@@ -20,8 +20,12 @@ from pydantic import (
     model_validator,
 )
 
+from cycleqd.crossovers import CROSSOVERS
 from cycleqd.errors import ConfigError
+from cycleqd.final_methods import FINAL_METHODS
 from cycleqd.finetune_settings import TrainingSettings
+from cycleqd.mutations import MUTATIONS
+from cycleqd.sampling import SAMPLING
 from cycleqd.skills.registry import (
     REGISTRY,
     SkillConfig,
@@ -31,6 +35,7 @@ from cycleqd.skills.registry import (
     owners_of,
     skill_names,
 )
+from cycleqd.variants import Registry
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -67,45 +72,15 @@ SkillEntry = Annotated[
 ]
 
 
-class SamplingConfig(_Strict):
-    """Parent selection. `elite` weights elites by quality and BC (paper section 3)."""
-
-    method: Literal["elite", "uniform"] = "elite"
-    # paper: a_lo + norm(v) * (a_hi - a_lo); official: a_lo + norm(v) * a_hi (their code).
-    formula: Literal["paper", "official"] = "paper"
-    a_lo: float = Field(default=0.5, gt=0.0)
-    a_hi: float = Field(default=0.8, gt=0.0)
-
-    @model_validator(mode="after")
-    def _bounds_are_ordered(self) -> SamplingConfig:
-        if not self.a_lo < self.a_hi:
-            raise ValueError(f"a_lo ({self.a_lo}) must be smaller than a_hi ({self.a_hi})")
-        return self
-
-
-class CrossoverConfig(_Strict):
-    """Model-wise linear merge of task vectors, weights w_i ~ N(1 + mu, sigma), normalised."""
-
-    method: Literal["linear"] = "linear"
-    mu: float = 0.0
-    sigma: float = Field(default=0.01, ge=0.0)
-
-
-class MutationConfig(_Strict):
-    """How a child is perturbed after crossover.
-
-    - svd: the paper's: SVD of the child's own task vector, singular values scaled by
-      factors drawn from U[0, w_max]. Leaves the experts' span, so elites are stored as weights.
-    - svd_expert: the official code's: add U diag(r * S) V^T of the quality skill's expert task
-      vector, r ~ U[0, rate). Stays in the experts' span: children are a few coefficients.
-    - gaussian: add N(0, sigma) to every weight (seeded, regenerable).
-    - none: crossover only.
-    """
-
-    kind: Literal["svd", "svd_expert", "gaussian", "none"] = "svd"
-    w_max: float = Field(default=1.5, gt=0.0)
-    rate: float = Field(default=0.1, gt=0.0)
-    sigma: float = Field(default=1e-3, gt=0.0)
+# The search's interchangeable parts: each field is the union of its registered variants'
+# options (see `cycleqd.variants`), tagged by `kind` (mutation) or `method` (the others).
+VARIANT_FAMILIES: dict[str, Registry] = {
+    r.family: r for r in (SAMPLING, CROSSOVERS, MUTATIONS, FINAL_METHODS)
+}
+SamplingConfig = SAMPLING.config_type()
+CrossoverConfig = CROSSOVERS.config_type()
+MutationConfig = MUTATIONS.config_type()
+FinalConfig = FINAL_METHODS.config_type()
 
 
 class TransformersBackendConfig(_Strict):
@@ -159,19 +134,6 @@ class EvaluationConfig(_Strict):
     humaneval: int = Field(
         default=0, ge=0, le=164, description="HumanEval problems reported beside the scores"
     )
-
-
-class FinalConfig(_Strict):
-    """The campaign's final model, built from the last archives.
-
-    - merge_best (paper): merge the best elite of every archive, theta = theta_base +
-      sum_k beta_k tau_k with beta = softmax(qualities).
-    - best_mean: the elite, over all archives, with the best mean score over the skills (the
-      archives' best generalist). Where the experts stay the best of their own skill the
-      paper's merge is little more than the experts' average; this keeps what the search found.
-    """
-
-    method: Literal["merge_best", "best_mean"] = "merge_best"
 
 
 DERIVED = "derived"
@@ -230,11 +192,11 @@ class CampaignConfig(_Strict):
     population: int = Field(default=1, ge=1, description="children bred per generation (paper: 1)")
     skills: list[SkillEntry] = Field(min_length=2)
     models: ModelsConfig
-    sampling: SamplingConfig = SamplingConfig()
-    crossover: CrossoverConfig = CrossoverConfig()
-    mutation: MutationConfig = MutationConfig()
+    sampling: SamplingConfig = SAMPLING.default_options()
+    crossover: CrossoverConfig = CROSSOVERS.default_options()
+    mutation: MutationConfig = MUTATIONS.default_options()
     evaluation: EvaluationConfig = EvaluationConfig()
-    final: FinalConfig = FinalConfig()
+    final: FinalConfig = FINAL_METHODS.default_options()
     dtype: DType = "float32"
 
     @model_validator(mode="before")
@@ -345,6 +307,11 @@ def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
         if model is EvaluationConfig and part == "backend":
             model = TransformersBackendConfig  # the tag that follows picks the variant
             continue
+        family = VARIANT_FAMILIES.get(part) if model is root else None
+        if family is not None:
+            # The tag that follows (there is one: unions of 2+ variants) picks the variant.
+            model = family.options_of(family.default)
+            continue
         if part not in model.model_fields:
             tagged = _tagged_variant(model, part)
             if tagged is None:
@@ -365,6 +332,9 @@ def _tagged_variant(model: type[BaseModel], tag: str) -> type[BaseModel] | None:
     for cls in (TransformersBackendConfig, VLLMBackendConfig):
         if cls.model_fields["kind"].annotation == Literal[tag]:  # type: ignore[valid-type]
             return cls
+    for family in VARIANT_FAMILIES.values():
+        if model is family.options_of(family.default) and tag in family:
+            return family.options_of(tag)
     return None
 
 
@@ -381,7 +351,8 @@ def _where(loc: tuple) -> str:
 def _is_tag(before: Any, part: Any) -> bool:
     if before == "backend" or isinstance(before, int):
         return isinstance(part, str) and (part in REGISTRY or part == _ANY or part in _KINDS)
-    return False
+    family = VARIANT_FAMILIES.get(before) if isinstance(before, str) else None
+    return family is not None and len(family.names()) > 1 and part in family
 
 
 def _is_expert_tag(loc: tuple, i: int) -> bool:
@@ -399,13 +370,23 @@ def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:
     ctx = error.get("ctx") or {}
     if kind == "literal_error":
         return f"{where}: got {error['input']!r}; allowed: {ctx.get('expected')}"
+    loc = error["loc"]
+    family = VARIANT_FAMILIES.get(loc[0]) if loc and root is CampaignConfig else None
     if kind == "extra_forbidden":
         field = str(error["loc"][-1])
         allowed = ", ".join(_fields_at(root, error["loc"][:-1]))
         owners = owners_of(field) if error["loc"][0] == "skills" else []
         hint = f" ({field} is an option of: {', '.join(owners)})" if owners else ""
+        if family is not None and len(error["loc"]) == 3:
+            chosen = error["loc"][1]
+            return (
+                f"{where}: unknown field for {family.tag} {chosen!r}; allowed here: {allowed} "
+                f"({_other_variants(family, chosen)})"
+            )
         return f"{where}: unknown field{hint}; allowed here: {allowed}"
     if kind == "union_tag_invalid":
+        if family is not None and len(error["loc"]) == 1:
+            return f"{where}.{family.tag}: got {ctx.get('tag')!r}; allowed: {family.allowed()}"
         return f"{where}: got {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
     if kind == "missing":
         return f"{where}: required field is missing"
@@ -413,6 +394,16 @@ def _describe(root: type[BaseModel], error: dict[str, Any]) -> str:
     if kind == "value_error":
         return message if where == "(top level)" else f"{where}: {message}"
     return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _other_variants(family: Registry, chosen: str) -> str:
+    """What a family's other variants take, for an option given to the wrong one."""
+    others = []
+    for name in family:
+        if name != chosen:
+            options = [f for f in family.options_of(name).model_fields if f != family.tag]
+            others.append(f"{name}: {', '.join(options) or 'no options'}")
+    return f"other {family.tag}s take: " + "; ".join(others)
 
 
 def describe_validation_error(root: type[BaseModel], exc: ValidationError, source: str) -> str:
@@ -451,6 +442,21 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
 
 def parse_config(data: Any, source: str = "config") -> CampaignConfig:
     return validate(CampaignConfig, data, source)
+
+
+def parse_stored_config(data: Any, source: str) -> CampaignConfig:
+    """A config that the project wrote into a campaign store. Stores written before each
+    variant had its own options hold every variant's options side by side (`mutation: {kind:
+    svd, w_max: 1.5, rate: 0.1, sigma: 0.001}`): only the named variant's are kept, so those
+    campaigns resume. A user's config gets no such leniency (`parse_config`)."""
+    if isinstance(data, dict):
+        data = dict(data)
+        for name, family in VARIANT_FAMILIES.items():
+            entry = data.get(name)
+            if isinstance(entry, dict) and family.tag_of(entry) in family:
+                own = family.options_of(family.tag_of(entry)).model_fields
+                data[name] = {k: v for k, v in entry.items() if k in own}
+    return parse_config(data, source)
 
 
 def load_config(path: str | Path) -> CampaignConfig:

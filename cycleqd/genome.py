@@ -22,28 +22,37 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from cycleqd.errors import GenomeError
 
+if TYPE_CHECKING:
+    from cycleqd.mutations import MutationMethod
+
 GenomeKind = Literal["base", "expert", "child", "final"]
-MutationKind = Literal["svd", "svd_expert", "gaussian", "none"]
 GENOME_KINDS: tuple[str, ...] = get_args(GenomeKind)
-MUTATION_KINDS: tuple[str, ...] = get_args(MutationKind)
 
 
 @dataclass(frozen=True)
 class Mutation:
-    kind: MutationKind
+    """A child's mutation as stored in its genome; its kind's class in `cycleqd.mutations`
+    says what the fields mean."""
+
+    kind: str
     seed: int = 0
     scale: float = 0.0  # svd: w_max; svd_expert: rate; gaussian: sigma
     expert: str | None = None  # svd_expert: whose task vector factors are added
 
     def __post_init__(self) -> None:
-        if self.kind not in MUTATION_KINDS:
-            raise GenomeError(f"unknown mutation kind {self.kind!r}; allowed: {MUTATION_KINDS}")
-        if self.kind == "svd_expert" and not self.expert:
-            raise GenomeError("an svd_expert mutation must name the expert it draws from")
+        self.method().check(self)
+
+    def method(self) -> MutationMethod:
+        """The class of this kind (`cycleqd.mutations`, which imports this module)."""
+        from cycleqd.mutations import MUTATIONS
+
+        if self.kind not in MUTATIONS:
+            raise GenomeError(f"unknown mutation kind {self.kind!r}; allowed: {MUTATIONS.names()}")
+        return MUTATIONS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -242,12 +251,7 @@ class GenomeBook:
                 form.add(parent_form.scaled(weight))
             mutation = genome.mutation
             if form is not None and mutation is not None:
-                if mutation.kind == "svd":
-                    form = None
-                elif mutation.kind == "svd_expert":
-                    form.svd_terms.append((mutation.expert, mutation.seed, mutation.scale, 1.0))
-                elif mutation.kind == "gaussian":
-                    form.noise_terms.append((mutation.seed, mutation.scale, 1.0))
+                form = mutation.method().extend_linear_form(form, mutation)
         self._linear[gid] = form
         return form
 

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from cycleqd import merge_kernel
 from cycleqd.errors import GenomeError, NonFiniteWeightsError
 from cycleqd.genome import GenomeBook, LinearForm
-from cycleqd.operators import gaussian_noise, is_svd_target, svd_rescale, uniform_factors
+from cycleqd.mutations import TensorContext
+from cycleqd.operators import gaussian_noise, is_svd_target, uniform_factors
 from cycleqd.weights import FACTORS_FILE, SafetensorsFolder, TensorSpec
 
 # genome id -> stored weights of that genome, or None when it must be built from its recipe.
@@ -182,19 +183,14 @@ class Materializer:
         for parent, weight in zip(genome.parents, genome.weights, strict=True):
             task_vector.add_(self._tensor(parent, name, memo, sources) - base, alpha=weight)
         mutation = genome.mutation
-        if mutation is None or mutation.kind == "none":
-            pass
-        elif mutation.kind == "svd":
-            task_vector = svd_rescale(task_vector, name, mutation.seed, mutation.scale)
-        elif mutation.kind == "svd_expert":
-            expert_form = LinearForm(
-                svd_terms=[(mutation.expert, mutation.seed, mutation.scale, 1.0)]
-            )
-            self._add_expert_svd_terms(task_vector, expert_form, name, sources)
-        elif mutation.kind == "gaussian":
-            task_vector += gaussian_noise(
-                name, base.shape, mutation.seed, mutation.scale, self.device
-            )
+        if mutation is not None:
+
+            def add_expert_svd(out: torch.Tensor, expert: str, seed: int, rate: float) -> None:
+                form = LinearForm(svd_terms=[(expert, seed, rate, 1.0)])
+                self._add_expert_svd_terms(out, form, name, sources)
+
+            context = TensorContext(name, self.device, add_expert_svd)
+            task_vector = mutation.method().apply(task_vector, mutation, context)
         return base + task_vector
 
     def _linear(

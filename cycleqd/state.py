@@ -148,7 +148,7 @@ class CampaignStore:
     def check_config(self, config) -> bool:
         """Whether the store already holds a campaign; raise if it holds another one (only
         `generations` may change between runs of one campaign)."""
-        from cycleqd.config import parse_config
+        from cycleqd.config import parse_stored_config
 
         self._config = config  # what snapshots and records read back are checked against
         stored = self.read_config_text()
@@ -158,7 +158,7 @@ class CampaignStore:
             data = yaml.safe_load(stored)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{self.uri}/config.yaml is corrupted: not YAML ({exc})") from None
-        previous = parse_config(data, source=f"{self.uri}/config.yaml")
+        previous = parse_stored_config(data, source=f"{self.uri}/config.yaml")
         if previous.model_dump(exclude={"generations"}) != config.model_dump(
             exclude={"generations"}
         ):

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 
 from cycleqd.archive import ArchiveSet, sample_parents, sampling_probabilities
-from cycleqd.config import SamplingConfig, SkillConfig
+from cycleqd.config import SkillConfig
+from cycleqd.sampling import EliteOptions, UniformOptions
 
 CODING = SkillConfig(name="coding", bc_min=0.0, bc_max=0.75, bins=15)
 DB = SkillConfig(name="db", bc_min=0.0, bc_max=0.45, bins=15)
 OS = SkillConfig(name="os", bc_min=0.0, bc_max=0.45, bins=15)
 
-PAPER = SamplingConfig()  # elite, paper formula, a_lo 0.5, a_hi 0.8
-OFFICIAL = SamplingConfig(formula="official")
-UNIFORM = SamplingConfig(method="uniform")
+PAPER = EliteOptions()  # elite, paper formula, a_lo 0.5, a_hi 0.8
+OFFICIAL = EliteOptions(formula="official")
+UNIFORM = UniformOptions()
 
 # Three elites of the coding archive (cell = (db bin, os bin), bin width 0.03):
 #   A: coding 0.2, db 0.01 -> 0,  os 0.31 -> 10   cell (0, 10)
@@ -75,7 +76,7 @@ def test_custom_bounds_enter_the_formula() -> None:
     # a_lo 0.1, a_hi 0.9 (paper): 0.1 + 0.8 * norm -> 0 -> 0.1, 0.5 -> 0.5, 1 -> 0.9
     #   A = 0.1 * 0.1 * 0.9 = 0.009;  B = 0.9 * 0.5 * 0.1 = 0.045;  C = 0.5 * 0.9 * 0.5 = 0.225
     #   sum 0.279
-    _, probs = sampling_probabilities(three_elites()["coding"], SamplingConfig(a_lo=0.1, a_hi=0.9))
+    _, probs = sampling_probabilities(three_elites()["coding"], EliteOptions(a_lo=0.1, a_hi=0.9))
     np.testing.assert_allclose(probs, [0.009 / 0.279, 0.045 / 0.279, 0.225 / 0.279], rtol=1e-12)
 
 
