@@ -32,5 +32,5 @@ def test_an_svd_expert_record_must_name_its_expert() -> None:
 
 
 def test_an_unknown_kind_read_back_lists_the_kinds() -> None:
-    with pytest.raises(GenomeError, match="unknown mutation kind 'dropout'.*'svd_expert'"):
+    with pytest.raises(GenomeError, match=r"unknown mutation kind 'dropout'.*'svd_expert'"):
         Mutation(kind="dropout")

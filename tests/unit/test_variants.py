@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cycleqd.mutations
 from cycleqd.archive import ArchiveSet
 from cycleqd.config import VARIANT_FAMILIES, SkillConfig, parse_config
 from cycleqd.crossovers import CROSSOVERS
@@ -18,7 +19,6 @@ from cycleqd.errors import ConfigError
 from cycleqd.final_methods import FINAL_METHODS
 from cycleqd.genome import Genome, GenomeBook
 from cycleqd.materialize import Materializer
-import cycleqd.mutations
 from cycleqd.mutations import MUTATIONS
 from cycleqd.sampling import SAMPLING
 from cycleqd.weights import SafetensorsFolder
