@@ -43,8 +43,8 @@ genome's run and model are found again by tag (`cycleqd.campaign_id`, `cycleqd.k
 (Registering a `models:/<id>` source in such a local registry needs MLflow's global tracking
 URI to name the same database: it is set for the duration of that one call.)
 
-Weights URIs and sha256 of elites: a `ChildResult` with `weights_uri`/`sha256` attributes
-supplies them; otherwise an elite bred off the experts' span (paper SVD mutation) is tagged
+Weights URIs and sha256 of elites: a `ChildResult`'s `weights_uri`/`sha256` where it has
+them; otherwise an elite bred off the experts' span (paper SVD mutation) is tagged
 with `<campaign>/models/<id>` and no sha256, and every other elite is a recipe (genome URI).
 """
 
@@ -64,14 +64,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 
+from cycleqd.protocols import ChildResult, DatasetRef
+from cycleqd.protocols import Tracker as Tracker  # re-exported: user code imports it here
 from cycleqd.redact import install_log_redaction, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from cycleqd.archive import ArchiveSet
-    from cycleqd.campaign import ChildResult
     from cycleqd.config import CampaignConfig
     from cycleqd.elite_maps import MapData
     from cycleqd.genome import Genome, GenomeBook
@@ -79,7 +80,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = "cycleqd."  # prefix of every tag this module sets
-DatasetRef = tuple[str, str, str]  # (name, digest, source URI)
 Attach = Literal["campaign", "generation"]
 
 _PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -98,39 +98,6 @@ _UNREACHABLE_HINTS = (
     "connection aborted",
     "connection reset",
 )
-
-
-class Tracker(Protocol):
-    """What a campaign reports. Implementations must never raise into the search."""
-
-    def campaign_started(
-        self,
-        config: CampaignConfig,
-        book: GenomeBook,
-        resumed_from: int | None,
-        datasets: Mapping[str, DatasetRef] | None = None,
-    ) -> None: ...
-
-    def generation_done(
-        self,
-        generation: int,
-        results: list[ChildResult],
-        archives: ArchiveSet,
-        book: GenomeBook,
-    ) -> None: ...
-
-    def model_exported(
-        self,
-        genome_id: str,
-        scores: dict[str, float] | None,
-        uri: str,
-        sha256: str,
-        book: GenomeBook,
-    ) -> None: ...
-
-    def close(self) -> None: ...
-
-    def missed(self) -> list[Missed]: ...
 
 
 class NullTracker:
@@ -1018,8 +985,7 @@ class MLflowTracker:
 
     def _snapshot_child(self, result: ChildResult, book: GenomeBook) -> _Child:
         genome = book[result.genome_id]
-        weights_uri = getattr(result, "weights_uri", None)
-        sha = getattr(result, "sha256", None)
+        weights_uri, sha = result.weights_uri, result.sha256
         if weights_uri is None and genome.kind == "child" and result.entered:
             with contextlib.suppress(Exception):
                 if book.linear_form(result.genome_id) is None:
