@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from cycleqd.archive import ArchiveSet
     from cycleqd.config import CampaignConfig
     from cycleqd.genome import GenomeBook
-    from cycleqd.tracking import Missed
+    from cycleqd.tracking.queue import Missed
 
 Tensors = Iterable[tuple[str, "torch.Tensor"]]
 DatasetRef = tuple[str, str, str]  # (name, digest, source URI) of a skill's data set
