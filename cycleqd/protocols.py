@@ -26,6 +26,9 @@ DatasetRef = tuple[str, str, str]  # (name, digest, source URI) of a skill's dat
 
 @dataclass
 class ChildResult:
+    """A model scored in a generation (in generation 0: an expert) and the archives it
+    entered; what the tracker records of it."""
+
     genome_id: str
     generation: int
     skill: str

@@ -55,6 +55,8 @@ class Missed:
 
 @dataclass
 class Event:
+    """What one hook queued: its steps still to deliver, and how delivery last went."""
+
     label: str
     steps: deque[Step]
     droppable: bool = True
