@@ -40,10 +40,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from cycleqd.protocols import EvaluatorBase  # noqa: E402  (cycleqd found through REPO)
+
 DEFAULT_PNG = REPO / "benchmarks" / "results" / "scale.png"
 
 
-class ScriptedEvaluator:
+class ScriptedEvaluator(EvaluatorBase):
     """Deterministic pseudo-scores from the genome id; never touches the tensors."""
 
     def __init__(self, skills: Iterable[str]):

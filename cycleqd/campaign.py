@@ -12,9 +12,8 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,8 +26,16 @@ from cycleqd.genome import Genome, GenomeBook
 from cycleqd.model_sources import ModelSource, Weights, open_models
 from cycleqd.mutations import MUTATIONS
 from cycleqd.objectstore import RemoteSafetensors, model_is_complete, read_manifest
+from cycleqd.protocols import (  # Evaluator, ChildResult, Tensors: user code imports them here
+    ChildResult,
+    Evaluator,
+    EvaluatorBase,
+    Tensors,
+    Tracker,
+    as_evaluator,
+)
 from cycleqd.state import CampaignStore
-from cycleqd.tracking import NullTracker, Tracker
+from cycleqd.tracking import NullTracker
 from cycleqd.weights import SafetensorsFolder
 
 if TYPE_CHECKING:
@@ -37,36 +44,6 @@ if TYPE_CHECKING:
     from cycleqd.materialize import Materializer
 
 log = logging.getLogger(__name__)
-
-Tensors = Iterable[tuple[str, "torch.Tensor"]]
-
-
-class Evaluator(Protocol):
-    """Scores a model on every skill; each score is a quality in [0, 1].
-
-    An evaluator may also offer:
-    - `weight_buffers() -> Mapping[str, torch.Tensor] | None`, its warm model's tensors by
-      checkpoint name: children are then materialised straight into them, and the `tensors`
-      it receives are those same tensors (copying them is free);
-    - `takes_requests` (True) and `evaluate_request(genome_id, request)`: the model is built
-      where it runs (vLLM's GPU workers) from a small recipe (`vllm_worker.genome_request`),
-      so no tensor is materialised in this process;
-    - `samples(genome_id) -> dict | None`: the per-sample details of the genome it scored
-      last, kept in the store as its transcripts.
-    """
-
-    def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]: ...
-
-
-@dataclass
-class ChildResult:
-    genome_id: str
-    generation: int
-    skill: str
-    scores: dict[str, float] | None  # None: rejected (non-finite weights)
-    entered: list[str] = field(default_factory=list)
-    weights_uri: str | None = None  # where full weights were written, if they were
-    sha256: str | None = None
 
 
 def breed(
@@ -152,6 +129,14 @@ class Campaign:
         finally:
             if self.writer:
                 self.store.release()
+
+    @property
+    def evaluator(self) -> EvaluatorBase:
+        return self._evaluator
+
+    @evaluator.setter
+    def evaluator(self, evaluator: Evaluator) -> None:
+        self._evaluator = as_evaluator(evaluator)  # optional abilities answer, not probed
 
     def __enter__(self) -> Campaign:
         return self
@@ -255,7 +240,7 @@ class Campaign:
             specs, tensors = self.materializer.specs(), self.materializer.tensors(genome_id)
             with self.store.staged_model(genome_id, specs, tensors) as staged:
                 weights = staged.weights
-                if self._takes_requests():
+                if self.evaluator.takes_requests:
                     request = {"kind": "safetensors", "path": str(weights.folder)}
                     scores = self._timed_request(genome_id, request)
                 else:
@@ -273,15 +258,11 @@ class Campaign:
             sha = (manifest.get("files") or {}).get("model.safetensors")
             if isinstance(sha, str):
                 self._written[genome_id] = sha
-        if self._takes_requests():
+        if self.evaluator.takes_requests:
             return self._timed_request(genome_id, self._genome_request(genome_id))
         # An evaluator that offers its model's tensors gets the child written into them.
-        offer = getattr(self.evaluator, "weight_buffers", None)
-        into = offer() if offer is not None else None
+        into = self.evaluator.weight_buffers()
         return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id, into=into))
-
-    def _takes_requests(self) -> bool:
-        return bool(getattr(self.evaluator, "takes_requests", False))
 
     def _genome_request(self, genome_id: str) -> dict:
         """The recipe a `takes_requests` evaluator builds the genome from, with a local folder
@@ -305,7 +286,7 @@ class Campaign:
     def _timed_request(self, genome_id: str, request: dict) -> dict[str, float]:
         started = time.perf_counter()
         try:
-            return self.evaluator.evaluate_request(genome_id, request)  # type: ignore[attr-defined]
+            return self.evaluator.evaluate_request(genome_id, request)
         finally:
             self.timings["evaluate_s"] += time.perf_counter() - started
             self.timings["models"] += 1
@@ -313,8 +294,7 @@ class Campaign:
     def _keep_samples(self, genome_id: str) -> dict[str, float]:
         """Store the per-sample details of the evaluation just done (see `Evaluator`); returns
         the reported qualities (HumanEval retention) that are no score."""
-        offer = getattr(self.evaluator, "samples", None)
-        samples = offer(genome_id) if offer is not None else None
+        samples = self.evaluator.samples(genome_id)
         if samples is None:
             return {}
         if self.config.evaluation.transcripts:

@@ -6,46 +6,47 @@ torch)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from cycleqd.campaign import Evaluator, Tensors
 from cycleqd.config import CampaignConfig
+from cycleqd.protocols import Evaluator, EvaluatorBase, Tensors, as_evaluator
+
+if TYPE_CHECKING:
+    import torch
 
 
-class LazyEvaluator:
+class LazyEvaluator(EvaluatorBase):
     """Builds the real evaluator on first use."""
 
     def __init__(self, build: Callable[[], Evaluator]) -> None:
         self._build = build
-        self._evaluator: Evaluator | None = None
+        self._evaluator: EvaluatorBase | None = None
 
     @property
-    def evaluator(self) -> Evaluator:
+    def evaluator(self) -> EvaluatorBase:
         if self._evaluator is None:
-            self._evaluator = self._build()
+            self._evaluator = as_evaluator(self._build())
         return self._evaluator
 
     def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]:
         return self.evaluator.evaluate(genome_id, tensors)
 
-    def weight_buffers(self):
+    def weight_buffers(self) -> Mapping[str, torch.Tensor] | None:
         """The real evaluator's model tensors, where it offers them (see `Campaign`)."""
-        offer = getattr(self.evaluator, "weight_buffers", None)
-        return offer() if offer is not None else None
+        return self.evaluator.weight_buffers()
 
     @property
-    def takes_requests(self) -> bool:
-        return bool(getattr(self.evaluator, "takes_requests", False))
+    def takes_requests(self) -> bool:  # type: ignore[override]
+        return self.evaluator.takes_requests
 
     def evaluate_request(self, genome_id: str, request: dict) -> dict[str, float]:
-        return self.evaluator.evaluate_request(genome_id, request)  # type: ignore[attr-defined]
+        return self.evaluator.evaluate_request(genome_id, request)
 
     def samples(self, genome_id: str) -> dict[str, Any] | None:
-        if self._evaluator is None:
+        if self._evaluator is None:  # nothing scored yet: no model is loaded to say so
             return None
-        offer = getattr(self._evaluator, "samples", None)
-        return offer(genome_id) if offer is not None else None
+        return self._evaluator.samples(genome_id)
 
 
 def build_evaluator(config: CampaignConfig) -> Evaluator:

@@ -18,15 +18,16 @@ from collections.abc import Iterator
 import yaml
 
 from cycleqd import experts
-from cycleqd.campaign import Campaign, Evaluator
+from cycleqd.campaign import Campaign
 from cycleqd.config import CampaignConfig, parse_config
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.evaluators import build_evaluator, preflight_evaluation
 from cycleqd.experts import check_expert_specs, experts_to_train
 from cycleqd.model_sources import check_models
+from cycleqd.protocols import Evaluator, Tracker
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
-from cycleqd.tracking import MLflowTracker, NullTracker, Tracker
+from cycleqd.tracking import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cycleqd.protocols import EvaluatorBase
 from cycleqd.weights import SafetensorsFolder
 
 SKILLS = ("probe_a", "probe_b", "probe_c")
@@ -99,7 +100,7 @@ def default_config(models: dict, name: str = "tiny", generations: int = 12) -> d
     }
 
 
-class ProbeEvaluator:
+class ProbeEvaluator(EvaluatorBase):
     """Scores a model by agreement with each skill's expert on that skill's probe prompts."""
 
     def __init__(

@@ -22,17 +22,18 @@ import logging
 import math
 from collections.abc import Mapping
 
-from cycleqd.tracking import T, _dataset_entity, _http_settings, _now_ms, flatten
+from cycleqd.tracking import (
+    EXTERNAL_TAG,
+    MAX_TAG,
+    T,
+    clip,
+    flatten,
+    http_settings,
+    mlflow_dataset,
+    now_ms,
+)
 
 log = logging.getLogger(__name__)
-
-_EXTERNAL_TAG = "mlflow.model.isExternal"
-_MAX_PARAM = 6000
-
-
-def _clip(value: object, limit: int = _MAX_PARAM) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class FinetuneTracker:
@@ -65,7 +66,7 @@ class FinetuneTracker:
 
     def _safe(self, what: str, fn, *args, **kwargs):
         try:
-            with _http_settings(10.0):
+            with http_settings(10.0):
                 return fn(*args, **kwargs)
         except Exception as exc:
             text = " ".join(str(exc).split())[:300]
@@ -129,7 +130,7 @@ class FinetuneTracker:
             fresh = dict(params)
         from mlflow.entities import DatasetInput, InputTag, Param
 
-        items = [Param(k, _clip(v)) for k, v in fresh.items()]
+        items = [Param(k, clip(v)) for k, v in fresh.items()]
         for i in range(0, len(items), 100):
             client.log_batch(self.run_id, params=items[i : i + 100])
         if datasets:
@@ -150,7 +151,7 @@ class FinetuneTracker:
             return
         from mlflow.entities import Metric
 
-        now = _now_ms()
+        now = now_ms()
 
         for key, value in (("train_loss", loss), ("learning_rate", lr), ("grad_norm", grad_norm)):
             if math.isfinite(value):
@@ -177,7 +178,7 @@ class FinetuneTracker:
             return
         from mlflow.entities import Metric
 
-        now = _now_ms()
+        now = now_ms()
         items = [
             Metric(
                 f"{prefix}{k}",
@@ -229,15 +230,15 @@ class FinetuneTracker:
                 name=f"expert-{self.name}",
                 source_run_id=self.run_id,
                 tags={
-                    **{k: _clip(v, 8000) for k, v in tags.items()},
+                    **{k: clip(v, MAX_TAG) for k, v in tags.items()},
                     f"{T}key": f"model/{self.key}",
                     f"{T}store_uri": uri,
                     f"{T}sha256": sha256,
                     f"{T}genome_id": genome_id,
                     f"{T}kind": "expert",
-                    _EXTERNAL_TAG: "true",
+                    EXTERNAL_TAG: "true",
                 },
-                params={k: _clip(v) for k, v in params.items()},
+                params={k: clip(v) for k, v in params.items()},
                 model_type="cycleqd-expert",
             )
             model_id = model.model_id
@@ -272,7 +273,7 @@ def dataset_entity(name: str, sha256: str, source: str, rows: int):
     sha256 and the row count in its profile."""
     from mlflow.entities import Dataset
 
-    entity = _dataset_entity(name, mlflow_digest(sha256), source)
+    entity = mlflow_dataset(name, mlflow_digest(sha256), source)
     return Dataset(
         entity.name,
         entity.digest,

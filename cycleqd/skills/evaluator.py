@@ -20,12 +20,13 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from cycleqd.protocols import EvaluatorBase
 from cycleqd.skills.base import SkillResult
 
 log = logging.getLogger(__name__)
 
 
-class SkillsEvaluator:
+class SkillsEvaluator(EvaluatorBase):
     """`skills` give the scores; `reports` (e.g. HumanEval retention) are scored beside them
     and kept with the transcripts, never a score an archive sees."""
 
@@ -45,7 +46,7 @@ class SkillsEvaluator:
         return [s.name for s in self.skills]
 
     @property
-    def takes_requests(self) -> bool:
+    def takes_requests(self) -> bool:  # type: ignore[override]
         """Whether children arrive as swap requests (vLLM) rather than tensors."""
         return getattr(self.backend, "weights_from", "tensors") == "requests"
 

@@ -30,21 +30,22 @@ own `mlflow.parentRunId` on it, and our runs nest below it by that tag. (With ML
 issue 15713. Not using the fluent API avoids it.)
 
 Tracking never stops or corrupts the search. Each hook copies what it needs from the live
-objects at once and queues an event of small steps; steps are delivered in order and each is
-removed only once MLflow has taken it. When MLflow cannot be reached, the event stays queued
-(bounded: the oldest generation events are dropped first) and delivery resumes on the next
-hook or at `close()`; `missed()` lists what is not delivered. A step MLflow rejects outright is
-skipped and reported as lost. On resume the campaign run, the generation runs and every
-genome's run and model are found again by tag (`cycleqd.campaign_id`, `cycleqd.key`,
-`cycleqd.genome_id`), so parents bred in earlier runs are linked.
+objects at once and queues an event of small steps (`cycleqd.tracking.queue`); steps are
+delivered in order and each is removed only once MLflow has taken it. When MLflow cannot be
+reached, the event stays queued (bounded: the oldest generation events are dropped first) and
+delivery resumes on the next hook or at `close()`; `missed()` lists what is not delivered. A
+step MLflow rejects outright is skipped and reported as lost. On resume the campaign run, the
+generation runs and every genome's run and model are found again by tag
+(`cycleqd.campaign_id`, `cycleqd.key`, `cycleqd.genome_id`), so parents bred in earlier runs
+are linked.
 
 `tracking_uri=None` keeps everything in a local SQLite file beside the campaign:
 `<run folder>/mlflow.db`, artifacts under `<run folder>/mlartifacts`; no server needed.
 (Registering a `models:/<id>` source in such a local registry needs MLflow's global tracking
 URI to name the same database: it is set for the duration of that one call.)
 
-Weights URIs and sha256 of elites: a `ChildResult` with `weights_uri`/`sha256` attributes
-supplies them; otherwise an elite bred off the experts' span (paper SVD mutation) is tagged
+Weights URIs and sha256 of elites: a `ChildResult`'s `weights_uri`/`sha256` where it has
+them; otherwise an elite bred off the experts' span (paper SVD mutation) is tagged
 with `<campaign>/models/<id>` and no sha256, and every other elite is a recipe (genome URI).
 """
 
@@ -58,114 +59,39 @@ import logging
 import math
 import os
 import tempfile
-import time
-import warnings
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 
-from cycleqd.redact import install_log_redaction, redact_text, redact_uri
+from cycleqd.protocols import ChildResult, DatasetRef
+from cycleqd.redact import install_log_redaction, redact_uri
+from cycleqd.tracking.common import (
+    EXTERNAL_TAG,
+    MAX_PARAM,
+    MAX_TAG,
+    T,
+    clip,
+    flatten,
+    genome_params,
+    http_settings,
+    mlflow_dataset,
+    now_ms,
+)
+from cycleqd.tracking.queue import Missed, Rejected, RetryQueue, Step, error_kind
 
 if TYPE_CHECKING:
     from cycleqd.archive import ArchiveSet
-    from cycleqd.campaign import ChildResult
     from cycleqd.config import CampaignConfig
     from cycleqd.elite_maps import MapData
     from cycleqd.genome import Genome, GenomeBook
 
 log = logging.getLogger(__name__)
 
-T = "cycleqd."  # prefix of every tag this module sets
-DatasetRef = tuple[str, str, str]  # (name, digest, source URI)
 Attach = Literal["campaign", "generation"]
 
 _PARENT_RUN_TAG = "mlflow.parentRunId"
-_EXTERNAL_TAG = "mlflow.model.isExternal"
-_MAX_PARAM = 6000  # MLflow's limit on a param value
-_MAX_TAG = 8000
-_UNREACHABLE_HINTS = (
-    "failed with exception",
-    "max retries exceeded",
-    "connection refused",
-    "connectionerror",
-    "timed out",
-    "read timeout",
-    "name or service not known",
-    "remotedisconnected",
-    "connection aborted",
-    "connection reset",
-)
-
-
-class Tracker(Protocol):
-    """What a campaign reports. Implementations must never raise into the search."""
-
-    def campaign_started(
-        self,
-        config: CampaignConfig,
-        book: GenomeBook,
-        resumed_from: int | None,
-        datasets: Mapping[str, DatasetRef] | None = None,
-    ) -> None: ...
-
-    def generation_done(
-        self,
-        generation: int,
-        results: list[ChildResult],
-        archives: ArchiveSet,
-        book: GenomeBook,
-    ) -> None: ...
-
-    def model_exported(
-        self,
-        genome_id: str,
-        scores: dict[str, float] | None,
-        uri: str,
-        sha256: str,
-        book: GenomeBook,
-    ) -> None: ...
-
-    def close(self) -> None: ...
-
-    def missed(self) -> list[Missed]: ...
-
-
-class NullTracker:
-    """Tracks nothing."""
-
-    def campaign_started(self, config, book, resumed_from, datasets=None) -> None:
-        pass
-
-    def generation_done(self, generation, results, archives, book) -> None:
-        pass
-
-    def model_exported(self, genome_id, scores, uri, sha256, book) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def missed(self) -> list[Missed]:
-        return []
-
-
-@dataclass(frozen=True)
-class Missed:
-    """An event (or one step of it) that MLflow has not received.
-
-    `lost` is False while it is still queued for delivery, True where it never will be
-    (dropped from a full queue, or rejected by MLflow)."""
-
-    event: str
-    detail: str
-    lost: bool = False
-
-    def __str__(self) -> str:
-        state = "lost" if self.lost else "pending"
-        return f"{self.event} ({state}): {self.detail}"
 
 
 # -- snapshots: what an event needs, copied out of the live campaign ---------------------------
@@ -183,70 +109,6 @@ class _Child:
     sha256: str | None
 
 
-@dataclass
-class _Event:
-    label: str
-    steps: deque[tuple[str, str, Callable[[], None]]]  # (group, what, step)
-    droppable: bool = True
-    attempts: int = 0  # failed delivery attempts of the current step
-    error: str | None = None
-
-
-class _Rejected(Exception):
-    """A step that cannot succeed (bad data, MLflow said no): skip it, do not retry."""
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    # MLflow's errors name the request URL, userinfo included: mask it (logged and reported).
-    text = " ".join(redact_text(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _error_kind(exc: BaseException) -> str:
-    """'unreachable' (retry forever), 'transient' (retry a few times) or 'rejected'."""
-    if isinstance(exc, _Rejected):
-        return "rejected"
-    text = f"{type(exc).__name__} {exc}".lower()
-    if isinstance(exc, (ConnectionError, TimeoutError)) or any(
-        h in text for h in _UNREACHABLE_HINTS
-    ):
-        return "unreachable"
-    code = getattr(exc, "error_code", None)
-    if code is not None:  # an MlflowException: the server (or store) answered
-        if code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-            return "transient"
-        return "rejected"
-    if isinstance(exc, OSError) or "operationalerror" in text or "database is locked" in text:
-        return "transient"
-    return "rejected"  # a bug on our side: retrying would fail the same way
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """Nested mappings and lists as dotted keys: {'skills.0.name': 'coding', ...}."""
-    out: dict[str, str] = {}
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-    elif isinstance(data, (list, tuple)):
-        for i, value in enumerate(data):
-            out.update(flatten(value, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = "" if data is None else str(data)
-    return out
-
-
-def _clip(value: Any, limit: int) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _local_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
@@ -258,58 +120,8 @@ def _local_path(uri: str) -> Path | None:
 
 def _quote(value: str) -> str:
     if "'" in value:
-        raise _Rejected(f"cannot search MLflow for a value with a quote: {value!r}")
+        raise Rejected(f"cannot search MLflow for a value with a quote: {value!r}")
     return f"'{value}'"
-
-
-@contextlib.contextmanager
-def _http_settings(timeout: float, quiet_urls: bool = False) -> Iterator[None]:
-    """Fail fast while the server is away: no client-side retry loops (the tracker retries on
-    the next event), a bounded timeout. With `quiet_urls`, MLflow does not print "View run at
-    <tracking URI>" lines (they would show the URI's credentials). Settings the user exported
-    are left alone."""
-    wanted = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout))),
-    }
-    if quiet_urls:
-        wanted["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    added = [k for k in wanted if k not in os.environ]
-    for key in added:
-        os.environ[key] = wanted[key]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _genome_params(genome: Genome) -> dict[str, str]:
-    """A child/final recipe as params: parents, merge weights, mutation."""
-    params = {
-        "genome_kind": genome.kind,
-        "parents": ",".join(genome.parents),
-        "merge_weights": json.dumps([round(float(w), 12) for w in genome.weights]),
-    }
-    for i, (parent, weight) in enumerate(zip(genome.parents, genome.weights, strict=True)):
-        params[f"parent_{i}"] = parent
-        params[f"weight_{i}"] = repr(float(weight))
-    if genome.skill is not None:
-        params["quality_skill"] = genome.skill
-    if genome.generation is not None:
-        params["generation"] = str(genome.generation)
-    mutation = genome.mutation
-    if mutation is not None:
-        params["mutation.kind"] = mutation.kind
-        params["mutation.seed"] = str(mutation.seed)
-        params["mutation.scale"] = repr(float(mutation.scale))
-        params["mutation.expert"] = mutation.expert or ""
-    return params
-
-
-# -- the MLflow tracker -------------------------------------------------------------------------
 
 
 class MLflowTracker:
@@ -344,8 +156,7 @@ class MLflowTracker:
     ):
         if attach not in ("campaign", "generation"):
             raise ValueError(f"attach must be 'campaign' or 'generation', got {attach!r}")
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
+        self._queue = RetryQueue(max_pending, retry_interval, self._http_scope)
         self.campaign_uri = str(campaign_uri).rstrip("/")
         self.campaign_id = hashlib.sha256(self.campaign_uri.encode()).hexdigest()[:16]
         self._artifact_location: str | None = None
@@ -359,19 +170,12 @@ class MLflowTracker:
         self.experiment_name = experiment
         self.registry_name = registry_name
         self.attach = attach
-        self.max_pending = max_pending
-        self.retry_interval = retry_interval
         self.request_timeout = request_timeout
         self.elite_maps_every = elite_maps
         self.host_run_id = os.environ.get("MLFLOW_RUN_ID") or None
         install_log_redaction()  # our log lines quote MLflow's errors, which name the URL
 
         self._client_obj = None
-        self._pending: deque[_Event] = deque()
-        self._lost: deque[Missed] = deque(maxlen=1000)
-        self._lost_count = 0
-        self._last_failure: float | None = None
-        self._current: _Event | None = None
 
         self.campaign_name: str | None = None
         self.experiment_id: str | None = None
@@ -443,7 +247,7 @@ class MLflowTracker:
                         functools.partial(self._log_source, gid, genome, base_id),
                     )
                 )
-            self._enqueue(label, steps, droppable=False)
+            self._queue.add(label, steps, droppable=False)
         except Exception:
             log.exception("tracking: could not record the campaign start (the search goes on)")
 
@@ -464,7 +268,7 @@ class MLflowTracker:
             stats = self._archive_stats(archives)
             label = f"generation {generation} ({len(children)} models)"
             group = f"generation:{generation}"
-            steps: list[tuple[str, str, Callable[[], None]]] = [
+            steps: list[Step] = [
                 (
                     group,
                     "generation run",
@@ -491,7 +295,7 @@ class MLflowTracker:
             steps.append(
                 (group, "end generation run", functools.partial(self._end_generation, generation))
             )
-            self._enqueue(label, steps, droppable=True)
+            self._queue.add(label, steps, droppable=True)
         except Exception:
             log.exception(
                 "tracking: could not record generation %s (the search goes on)", generation
@@ -522,18 +326,18 @@ class MLflowTracker:
                     functools.partial(self._register, genome_id, name, uri, sha256),
                 ),
             ]
-            self._enqueue(f"final model {genome_id} exported", steps, droppable=False)
+            self._queue.add(f"final model {genome_id} exported", steps, droppable=False)
         except Exception:
             log.exception("tracking: could not record the exported model (the search goes on)")
 
     def close(self, status: str = "FINISHED") -> None:
         """End the campaign run (unless a Kubeflow task owns it) and deliver what is queued."""
         try:
-            self._enqueue(
+            self._queue.add(
                 "campaign closed",
                 [("close", "end campaign run", functools.partial(self._end_campaign, status))],
                 droppable=False,
-                drain=False,
+                deliver=False,
             )
             self.flush()
         except Exception:
@@ -541,93 +345,29 @@ class MLflowTracker:
 
     def flush(self) -> bool:
         """Deliver what is queued now; True when nothing is left."""
-        self._drain(force=True)
-        return not self._pending
+        self._queue.deliver(force=True)
+        return self._queue.empty
 
     def missed(self) -> list[Missed]:
         """What MLflow has not received: queued events first (still to be delivered), then
         what was lost (dropped from a full queue, rejected by MLflow)."""
-        out = [
-            Missed(e.label, e.error or f"queued ({len(e.steps)} steps)", lost=False)
-            for e in self._pending
-        ]
-        out.extend(self._lost)
-        if self._lost_count > len(self._lost):
-            out.append(
-                Missed("earlier events", f"{self._lost_count - len(self._lost)} more", lost=True)
-            )
-        return out
+        return self._queue.missed()
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def _enqueue(self, label, steps, *, droppable: bool, drain: bool = True) -> None:
-        self._pending.append(_Event(label, deque(steps), droppable=droppable))
-        while len(self._pending) > self.max_pending:
-            victim = next((e for e in self._pending if e.droppable and e.attempts == 0), None)
-            victim = victim or next((e for e in self._pending if e.droppable), None)
-            if victim is None:
-                break
-            self._pending.remove(victim)
-            self._lose(Missed(victim.label, "dropped: too many events queued", lost=True))
-        if drain:
-            self._drain()
-
-    def _lose(self, missed: Missed) -> None:
-        self._lost.append(missed)
-        self._lost_count += 1
-        log.warning("tracking: %s", missed)
-
-    def _drain(self, force: bool = False) -> None:
-        if not self._pending:
-            return
-        if (
-            not force
-            and self._last_failure is not None
-            and time.monotonic() - self._last_failure < self.retry_interval
-        ):
-            return
-        quiet = redact_uri(self.tracking_uri) != self.tracking_uri  # it holds credentials
-        with _http_settings(self.request_timeout, quiet_urls=quiet):
-            try:
-                self._deliver()
-            finally:
-                self._current = None
-
-    def _deliver(self) -> None:
-        while self._pending:
-            event = self._pending[0]
-            self._current = event
-            while event.steps:
-                group, what, step = event.steps[0]
-                try:
-                    step()
-                except Exception as exc:
-                    kind = _error_kind(exc)
-                    event.attempts += 1
-                    event.error = f"{what}: {type(exc).__name__}: {_short(exc)}"
-                    if kind == "rejected" or (kind == "transient" and event.attempts >= 5):
-                        log.debug("tracking: step rejected", exc_info=True)
-                        self._lose(Missed(event.label, event.error, lost=True))
-                        # What follows in the same group depends on this step: skip it too.
-                        event.steps = deque(s for s in event.steps if s[0] != group)
-                        event.attempts = 0
-                        continue
-                    self._last_failure = time.monotonic()
-                    log.warning(
-                        "tracking: MLflow unavailable, %s stays queued (%s)",
-                        event.label,
-                        event.error,
-                    )
-                    return
-                event.steps.popleft()
-                event.attempts = 0
-                event.error = None
-            self._pending.popleft()
-        self._last_failure = None
+    @property
+    def max_pending(self) -> int:
+        return self._queue.max_pending
 
     @property
-    def _retrying(self) -> bool:
-        return self._current is not None and self._current.attempts > 0
+    def retry_interval(self) -> float:
+        return self._queue.retry_interval
+
+    def _http_scope(self) -> contextlib.AbstractContextManager[None]:
+        """What every delivery runs under: short timeouts; no URL printed where the tracking
+        URI holds credentials."""
+        quiet = redact_uri(self.tracking_uri) != self.tracking_uri
+        return http_settings(self.request_timeout, quiet_urls=quiet)
 
     # -- MLflow access -----------------------------------------------------------------------
 
@@ -696,7 +436,7 @@ class MLflowTracker:
         `parent_run_id` by the mlflow.parentRunId tag."""
         if key in self._runs:
             return self._runs[key]
-        if self._retrying:
+        if self._queue.retrying:
             existing = self._search_runs(self._filter(key=key), order_by=["attributes.start_time"])
             if existing:
                 self._runs[key] = existing[0].info.run_id
@@ -725,7 +465,7 @@ class MLflowTracker:
             return self._models[gid]
         from mlflow.entities import LoggedModelStatus
 
-        if self._retrying:
+        if self._queue.retrying:
             existing = self._search_models(self._filter(genome_id=gid))
             if existing:
                 model = existing[0]
@@ -738,14 +478,14 @@ class MLflowTracker:
             **tags,
             f"{T}genome_id": gid,
             f"{T}key": f"model/{gid}",
-            _EXTERNAL_TAG: "true",
+            EXTERNAL_TAG: "true",
         }
         model = self.client.create_logged_model(
             experiment_id=self.experiment_id,
             name=name,
             source_run_id=run_id,
-            tags={k: _clip(v, _MAX_TAG) for k, v in all_tags.items()},
-            params={k: _clip(v, _MAX_PARAM) for k, v in params.items()},
+            tags={k: clip(v, MAX_TAG) for k, v in all_tags.items()},
+            params={k: clip(v, MAX_PARAM) for k, v in params.items()},
             model_type=model_type,
         )
         self._models[gid] = model.model_id
@@ -805,7 +545,7 @@ class MLflowTracker:
     def _metrics(self, scores: Mapping[str, float], model_id: str | None = None) -> list:
         from mlflow.entities import Metric
 
-        now = _now_ms()
+        now = now_ms()
         metrics = []
         for skill, value in scores.items():
             value = float(value)
@@ -828,8 +568,8 @@ class MLflowTracker:
     def _log_batch(self, run_id, *, params=None, tags=None, metrics=()) -> None:
         from mlflow.entities import Param, RunTag
 
-        params = [Param(k, _clip(v, _MAX_PARAM)) for k, v in (params or {}).items()]
-        tags = [RunTag(k, _clip(v, _MAX_TAG)) for k, v in (tags or {}).items()]
+        params = [Param(k, clip(v, MAX_PARAM)) for k, v in (params or {}).items()]
+        tags = [RunTag(k, clip(v, MAX_TAG)) for k, v in (tags or {}).items()]
         metrics = list(metrics)
         for i in range(0, max(len(params), len(tags), len(metrics)), 100):
             self.client.log_batch(
@@ -849,7 +589,7 @@ class MLflowTracker:
                 try:
                     self._host = client.get_run(self.host_run_id)
                 except Exception as exc:
-                    if _error_kind(exc) != "rejected":
+                    if error_kind(exc) != "rejected":
                         self._host_checked = False
                         raise
                     log.warning(
@@ -967,7 +707,7 @@ class MLflowTracker:
         from mlflow.entities import DatasetInput, InputTag
 
         inputs = [
-            DatasetInput(_dataset_entity(*ref), tags=[InputTag("mlflow.data.context", skill)])
+            DatasetInput(mlflow_dataset(*ref), tags=[InputTag("mlflow.data.context", skill)])
             for skill, ref in sorted(self._datasets.items())
         ]
         self.client.log_inputs(self.campaign_run_id, datasets=inputs)
@@ -1018,8 +758,7 @@ class MLflowTracker:
 
     def _snapshot_child(self, result: ChildResult, book: GenomeBook) -> _Child:
         genome = book[result.genome_id]
-        weights_uri = getattr(result, "weights_uri", None)
-        sha = getattr(result, "sha256", None)
+        weights_uri, sha = result.weights_uri, result.sha256
         if weights_uri is None and genome.kind == "child" and result.entered:
             with contextlib.suppress(Exception):
                 if book.linear_form(result.genome_id) is None:
@@ -1062,7 +801,7 @@ class MLflowTracker:
             self._runs[key] = host.info.run_id
         name = f"generation-{generation:04d}" + ("-seed" if generation == 0 else "")
         run_id = self._ensure_run(key, name, {**tags, f"{T}owner": "cycleqd"}, self.campaign_run_id)
-        now = _now_ms()
+        now = now_ms()
         finite = {k: v for k, v in stats.items() if math.isfinite(v)}
         # No params here: a Kubeflow task's run (attach="generation") may hold its own.
         self._log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in finite.items()])
@@ -1106,7 +845,7 @@ class MLflowTracker:
             self._genome_runs[gid] = run_id
         params = {"genome_id": gid, "generation": str(generation), "quality_skill": child.skill}
         if not seed:
-            params.update(_genome_params(genome))
+            params.update(genome_params(genome))
         params["rejected"] = str(rejected).lower()
         params["entered"] = ",".join(child.entered) or "-"
 
@@ -1123,7 +862,7 @@ class MLflowTracker:
             }
             if child.sha256:
                 model_tags[f"{T}sha256"] = child.sha256
-            model_params = {**_genome_params(genome), "genome": json.dumps(genome.to_dict())}
+            model_params = {**genome_params(genome), "genome": json.dumps(genome.to_dict())}
             model_id = self._ensure_model(
                 gid,
                 f"elite-g{generation:04d}-{gid[:8]}",
@@ -1155,7 +894,7 @@ class MLflowTracker:
         from mlflow.entities import LoggedModelInput, LoggedModelOutput
 
         # A run made before (resumed campaign) or a retried step may hold the links already.
-        again = run_id in self._existing or self._retrying
+        again = run_id in self._existing or self._queue.retrying
         run = self.client.get_run(run_id) if again else None
         have_in = (
             {i.model_id for i in (run.inputs.model_inputs or [])} if run and run.inputs else set()
@@ -1211,7 +950,7 @@ class MLflowTracker:
         name = f"final-{gid[:8]}"
         run_id = self._ensure_run(f"final/{gid}", name, tags, self.campaign_run_id)
         self._genome_runs[gid] = run_id
-        params = _genome_params(genome)
+        params = genome_params(genome)
         model_id = self._ensure_model(
             gid,
             name,
@@ -1278,21 +1017,3 @@ class MLflowTracker:
 
         with tracking_utils._use_tracking_uri(self.tracking_uri):
             yield
-
-
-def _dataset_entity(name: str, digest: str, source: str):
-    """An MLflow data set entity (name, digest, source) without reading the data."""
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = redact_uri(source)  # a download URL may carry a token in its userinfo
-    try:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dataset_source = resolve_dataset_source(source)
-    except Exception:  # a source MLflow has no resolver for (a package, a registry name)
-        from mlflow.entities import Dataset
-
-        return Dataset(name, digest, "external", json.dumps({"uri": source}))
-    return MetaDataset(source=dataset_source, name=name, digest=digest)._to_mlflow_entity()

@@ -1,0 +1,112 @@
+"""What cycleqd's MLflow trackers (the campaign's, fine-tuning's) write alike: the tag prefix,
+MLflow's size limits, values flattened into params, a genome's recipe as params, data set
+entities, and the HTTP settings every MLflow call runs under. mlflow is imported lazily."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from cycleqd.redact import redact_uri
+
+if TYPE_CHECKING:
+    from cycleqd.genome import Genome
+
+T = "cycleqd."  # prefix of every tag cycleqd sets
+EXTERNAL_TAG = "mlflow.model.isExternal"  # a LoggedModel whose weights live elsewhere
+MAX_PARAM = 6000  # MLflow's limit on a param value
+MAX_TAG = 8000  # and on a tag value
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def clip(value: Any, limit: int = MAX_PARAM) -> str:
+    """`value` as text of at most `limit` characters (MLflow refuses longer values)."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mappings and lists as dotted keys: {'skills.0.name': 'coding', ...}."""
+    out: dict[str, str] = {}
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = "" if data is None else str(data)
+    return out
+
+
+@contextlib.contextmanager
+def http_settings(timeout: float, quiet_urls: bool = False) -> Iterator[None]:
+    """Fail fast while the server is away: no client-side retry loops (the tracker retries on
+    the next event), a bounded timeout. With `quiet_urls`, MLflow does not print "View run at
+    <tracking URI>" lines (they would show the URI's credentials). Settings the user exported
+    are left alone."""
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout))),
+    }
+    if quiet_urls:
+        wanted["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    added = [k for k in wanted if k not in os.environ]
+    for key in added:
+        os.environ[key] = wanted[key]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def genome_params(genome: Genome) -> dict[str, str]:
+    """A child/final recipe as params: parents, merge weights, mutation."""
+    params = {
+        "genome_kind": genome.kind,
+        "parents": ",".join(genome.parents),
+        "merge_weights": json.dumps([round(float(w), 12) for w in genome.weights]),
+    }
+    for i, (parent, weight) in enumerate(zip(genome.parents, genome.weights, strict=True)):
+        params[f"parent_{i}"] = parent
+        params[f"weight_{i}"] = repr(float(weight))
+    if genome.skill is not None:
+        params["quality_skill"] = genome.skill
+    if genome.generation is not None:
+        params["generation"] = str(genome.generation)
+    mutation = genome.mutation
+    if mutation is not None:
+        params["mutation.kind"] = mutation.kind
+        params["mutation.seed"] = str(mutation.seed)
+        params["mutation.scale"] = repr(float(mutation.scale))
+        params["mutation.expert"] = mutation.expert or ""
+    return params
+
+
+def mlflow_dataset(name: str, digest: str, source: str):
+    """An MLflow data set entity (name, digest, source) without reading the data."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = redact_uri(source)  # a download URL may carry a token in its userinfo
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset_source = resolve_dataset_source(source)
+    except Exception:  # a source MLflow has no resolver for (a package, a registry name)
+        from mlflow.entities import Dataset
+
+        return Dataset(name, digest, "external", json.dumps({"uri": source}))
+    return MetaDataset(source=dataset_source, name=name, digest=digest)._to_mlflow_entity()
