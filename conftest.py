@@ -43,16 +43,16 @@ from cycleqd_tests_s3_server import seaweed_fixture  # noqa: E402, F401  (the `s
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """Base + three experts (random low-rank task vectors) as safetensors folders."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
-    return tiny.build_world(tmp_path_factory.mktemp("tiny-world"))
+    return probe_world.build_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 @pytest.fixture(scope="session")
 def probe_evaluator(tiny_world):
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
-    return tiny.ProbeEvaluator(tiny_world["experts"])
+    return probe_world.ProbeEvaluator(tiny_world["experts"])
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,15 @@
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd_kfp.components.breed.component import breed
 
 
 def test_breeds_population_then_nothing_once_done(tiny_world, tmp_path):
-    config = yaml.safe_dump({**tiny.default_config(tiny_world, generations=1), "population": 3})
+    config = yaml.safe_dump(
+        {**probe_world.default_config(tiny_world, generations=1), "population": 3}
+    )
     args = {"campaign_config": config, "store_uri": str(tmp_path), "run_owner": "r"}
     with pytest.raises(CycleQDError, match="not seeded yet"):
         breed.python_func(**args, shards=3)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 from kfp import dsl
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.errors import CycleQDError
 from cycleqd_kfp.components.evaluate.component import evaluate
 
@@ -21,7 +21,9 @@ class CountingEvaluator:
 def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
     tiny_world, probe_evaluator, tmp_path, monkeypatch
 ):
-    config = yaml.safe_dump({**tiny.default_config(tiny_world, generations=1), "population": 3})
+    config = yaml.safe_dump(
+        {**probe_world.default_config(tiny_world, generations=1), "population": 3}
+    )
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")
     (shard,) = steps.shard(steps.breed(config, store, owner="r"), 1)
@@ -37,7 +39,7 @@ def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
     assert len(built) == 1 and built[0].calls == 3
     children = shard.split(",")
     for child in children:
-        for skill in tiny.SKILLS:
+        for skill in probe_world.SKILLS:
             assert 0.0 <= metrics.metadata[f"{child[:12]}.{skill}"] <= 1.0
         assert metrics.metadata[f"{child[:12]}.rejected"] == 0.0
     # A retried task reads the recorded scores back: nothing is scored twice.
@@ -47,7 +49,7 @@ def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
 
 
 def test_refuses_children_of_another_generation(tiny_world, tmp_path):
-    config = yaml.safe_dump(tiny.default_config(tiny_world, generations=1))
+    config = yaml.safe_dump(probe_world.default_config(tiny_world, generations=1))
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")
     steps.breed(config, store, owner="r")

@@ -3,13 +3,13 @@ import json
 import pytest
 import yaml
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.errors import ConfigError, ModelMismatchError
 from cycleqd_kfp.components.preflight.component import preflight
 
 
 def _config(world, **overrides) -> str:
-    return yaml.safe_dump({**tiny.default_config(world), **overrides})
+    return yaml.safe_dump({**probe_world.default_config(world), **overrides})
 
 
 def test_reports_a_new_campaign(tiny_world, tmp_path, capsys):
@@ -38,7 +38,9 @@ def test_names_what_to_fix(tiny_world, tmp_path):
             run_owner="r",
         )
     models = {**tiny_world, "experts": {**tiny_world["experts"], "probe_b": tiny_world["base"]}}
-    other = tiny.build_base(tmp_path / "other", tiny.llama_config(hidden=32, intermediate=64))
+    other = probe_world.build_base(
+        tmp_path / "other", probe_world.llama_config(hidden=32, intermediate=64)
+    )
     models["experts"]["probe_c"] = str(other)
     with pytest.raises(ModelMismatchError, match="probe_c"):
         preflight.python_func(

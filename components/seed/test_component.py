@@ -1,12 +1,12 @@
 import yaml
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.state import CampaignStore
 from cycleqd_kfp.components.seed.component import seed
 
 
 def test_seeds_once(tiny_world, tmp_path):
-    config = yaml.safe_dump(tiny.default_config(tiny_world))
+    config = yaml.safe_dump(probe_world.default_config(tiny_world))
     assert (
         seed.python_func(
             campaign_config=config, store_uri=str(tmp_path), tracking_uri="", run_owner="r"
