@@ -43,16 +43,25 @@ from cycleqd_tests_s3_server import seaweed_fixture  # noqa: E402, F401  (the `s
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """Base + three experts (random low-rank task vectors) as safetensors folders."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
-    return tiny.build_world(tmp_path_factory.mktemp("tiny-world"))
+    return probe_world.build_world(tmp_path_factory.mktemp("tiny-world"))
 
 
 @pytest.fixture(scope="session")
 def probe_evaluator(tiny_world):
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
-    return tiny.ProbeEvaluator(tiny_world["experts"])
+    return probe_world.ProbeEvaluator(tiny_world["experts"])
+
+
+@pytest.fixture(scope="session")
+def mini_skill_world(tmp_path_factory) -> dict:
+    """The tiny skill world at its smallest (`MINI_WORLD`, seconds): a pre-trained base and
+    the experts as fine-tuning specs, for the experts stage to train (`models` of a config)."""
+    from cycleqd.skills.tiny.train import MINI_WORLD, build_base
+
+    return build_base(tmp_path_factory.mktemp("mini-skill-world"), MINI_WORLD)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.objectstore import ObjectInfo, ObjectStore, open_store
@@ -225,7 +225,7 @@ def run_campaign(
 ) -> tuple[list[ChildBytes], Tally, dict]:
     """Seed, then `generations` generations; per child bytes. Returns children, the seed's
     bytes and the final archives (for a sanity check between modes)."""
-    config = tiny.default_config(world, name=f"bytes-{kind}", generations=generations)
+    config = probe_world.default_config(world, name=f"bytes-{kind}", generations=generations)
     config.update(population=population, mutation=MUTATIONS[kind])
     config = parse_config(config)
     store = CountingStore(inner)
@@ -404,14 +404,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cycleqd-bytes-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        config = tiny.llama_config(
+        config = probe_world.llama_config(
             args.hidden, args.layers, args.intermediate, args.vocab, max(1, args.hidden // 64)
         )
-        world = tiny.build_world(root / "world", config=config)
+        world = probe_world.build_world(root / "world", config=config)
         base = SafetensorsFolder(world["base"])
         model_bytes = sum(spec.nbytes for spec in base.specs().values())
         params = sum(spec.nbytes // 4 for spec in base.specs().values())
-        evaluator = tiny.ProbeEvaluator(world["experts"])
+        evaluator = probe_world.ProbeEvaluator(world["experts"])
         print(
             f"world: {params / 1e6:.1f}M params, {_fmt(model_bytes)} float32, 3 experts "
             f"({time.perf_counter() - t0:.0f} s to build)",

@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from safetensors.torch import load_file, save_file
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.archive import ArchiveSet
 from cycleqd.campaign import Campaign, breed
 from cycleqd.config import CampaignConfig, parse_config
@@ -191,16 +191,18 @@ def main(argv: list[str] | None = None) -> None:
         args.generations, args.repeat = 3, 1
     with tempfile.TemporaryDirectory(prefix="cycleqd-e2e-") as tmp:
         root = Path(tmp)
-        llama = tiny.llama_config(
+        llama = probe_world.llama_config(
             args.hidden, args.layers, args.intermediate, args.vocab, max(1, args.hidden // 64)
         )
-        world = tiny.build_world(root / "world", config=llama)
-        evaluator = tiny.ProbeEvaluator(world["experts"])
+        world = probe_world.build_world(root / "world", config=llama)
+        evaluator = probe_world.ProbeEvaluator(world["experts"])
         model_bytes = (Path(world["base"]) / "model.safetensors").stat().st_size
         print(f"model: {model_bytes / 1e6:.1f} MB float32 safetensors", flush=True)
         rows = []
         for kind in args.kinds.split(","):
-            raw = tiny.default_config(world, name=f"e2e-{kind}", generations=args.generations)
+            raw = probe_world.default_config(
+                world, name=f"e2e-{kind}", generations=args.generations
+            )
             raw.update(population=args.population, mutation=MUTATIONS[kind])
             config = parse_config(raw)
             ours_t, naive_t = [], []

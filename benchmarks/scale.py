@@ -95,12 +95,12 @@ def measure(
 
     `bins` per BC axis: 6 gives archives of 36 cells that fill within the first few hundred
     generations, so that most of the run is spent with full archives (the bounded state)."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.campaign import Campaign
     from cycleqd.config import parse_config
     from cycleqd.state import CampaignStore
 
-    config = tiny.default_config(world, name="scale", generations=generations)
+    config = probe_world.default_config(world, name="scale", generations=generations)
     config["seed"] = seed
     for skill in config["skills"]:
         skill["bins"] = bins
@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the points")
     args = parser.parse_args(argv)
 
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
     with tempfile.TemporaryDirectory(prefix="cycleqd-scale-") as tmp:
-        world = tiny.build_world(Path(tmp) / "world")
+        world = probe_world.build_world(Path(tmp) / "world")
         points = measure(
             world, Path(tmp) / "store", args.generations, args.every, args.seed, args.bins
         )

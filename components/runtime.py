@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from cycleqd_kfp.images.images import image_for
 
-CPU_IMAGE = image_for("cpu-tools")  # preflight, seed, breed, commit, export, release
-EVALUATOR_IMAGE = image_for("evaluator")  # materialise + score a child on a GPU
-TRAINER_IMAGE = image_for("trainer")  # expert fine-tuning
+# Tasks that read no weights (the pipeline gives them no GPU): preflight, breed, commit, release.
+CPU_IMAGE = image_for("cpu-tools")
+# Tasks that materialise and score models on a GPU: seed, evaluate, export.
+EVALUATOR_IMAGE = image_for("evaluator")
+TRAINER_IMAGE = image_for("trainer")  # finetune: one expert per task, on a GPU

@@ -86,17 +86,17 @@ def _torch_threads(n: int):
 def _probe_world(folder: Path) -> dict:
     """The probe world: random models scored by agreement with their expert (seconds; a smoke
     test of the machinery, no skills)."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
     if not (folder / "base" / "config.json").exists():
         print(f"building the tiny probe world in {folder} ...", flush=True)
-        models = tiny.build_world(folder)
+        models = probe_world.build_world(folder)
     else:
         models = {
             "base": str(folder / "base"),
-            "experts": {s: str(folder / f"expert-{s}") for s in tiny.SKILLS},
+            "experts": {s: str(folder / f"expert-{s}") for s in probe_world.SKILLS},
         }
-    return tiny.default_config(models)
+    return probe_world.default_config(models)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ def build_evaluator(config: CampaignConfig) -> Evaluator:
 
 
 def _probe_evaluator(config: CampaignConfig) -> Evaluator:
-    from cycleqd.tiny import ProbeEvaluator
+    from cycleqd.probe_world import ProbeEvaluator
 
     experts = {skill: str(base_folder(p)) for skill, p in config.models.experts.items()}
     return ProbeEvaluator(experts, n_prompts=config.evaluation.probe_prompts)

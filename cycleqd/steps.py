@@ -218,7 +218,9 @@ def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
 
 
 def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
-    """Merge the best elite of every archive (softmax of qualities) and write the model."""
+    """Build the final model by the config's `final.method` (`merge_best`: the best elite of
+    every archive merged with softmax weights; `best_mean`: the elite with the best mean
+    score), score it and write it to the store's exports (registered with the tracker)."""
     with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
         genome_id, scores = c.finalize()
         genome = c.book[genome_id]

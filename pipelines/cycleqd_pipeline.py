@@ -13,12 +13,8 @@ continues the search where the previous run stopped, and a retried run never red
 committed generation. Caching is off for every stateful task: a cached breed or commit would
 replay stale archive state.
 
-Parameters (grouped by stage):
-    campaign_config     the campaign YAML (see README "Configuration"); fixed per campaign
-                        except `generations`, which a later run may raise
-    campaign_store_uri  where the campaign lives: s3://bucket/prefix (credentials from the
-                        Kubernetes secret named at compile time, never in this YAML)
-    tracking_uri        MLflow tracking URI; empty: no tracking
+The run's parameters are described in the `cycleqd` pipeline's docstring, from which KFP
+takes the descriptions the Kubeflow UI shows beside them.
 
 Models (the config's `models.base` and `models.experts`) are s3:// URIs, read with the same
 secret as the store and copied once per pod into an emptyDir cache, or paths in a
@@ -158,6 +154,14 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
     def generation(
         campaign_config: str, campaign_store_uri: str, tracking_uri: str, run_owner: str
     ):
+        """One generation: breed, evaluate the children in parallel, commit the archives.
+
+        Args:
+            campaign_config: The campaign config (YAML).
+            campaign_store_uri: The campaign store: s3://bucket/prefix.
+            tracking_uri: MLflow tracking URI; empty: no tracking.
+            run_owner: The run's id, the owner of the campaign's lease.
+        """
         bred = _with_s3_secret(
             breed(
                 campaign_config=campaign_config,
@@ -197,6 +201,15 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
         description="CycleQD: merge expert LLMs by quality-diversity search over model weights.",
     )
     def cycleqd(campaign_config: str, campaign_store_uri: str, tracking_uri: str = ""):
+        """Preflight, experts, seed, the unrolled generations, export (see the module doc).
+
+        Args:
+            campaign_config: The campaign config (YAML; see the README's "Configuration"),
+                fixed per campaign except `generations`, which a later run may raise.
+            campaign_store_uri: Where the campaign lives: s3://bucket/prefix (credentials
+                from the Kubernetes secret named at compile time, never in this YAML).
+            tracking_uri: MLflow tracking URI; empty: no tracking.
+        """
         run_owner = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         give_back = _with_s3_secret(
             release(store_uri=campaign_store_uri, run_owner=run_owner), options

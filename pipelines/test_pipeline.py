@@ -33,6 +33,12 @@ def test_compiled_yaml_loads_back_with_documented_parameters():
         "campaign_store_uri",
         "tracking_uri",
     }
+    # What the Kubeflow UI shows beside each parameter when a run is created (the loader
+    # above does not read descriptions back: the compiled spec's root holds them).
+    spec, _ = _documents(COMPILED)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(parameters) == set(loaded.component_spec.inputs)
+    assert all(p["description"].strip() for p in parameters.values())
 
 
 def _executor(spec: dict, task: str) -> dict:

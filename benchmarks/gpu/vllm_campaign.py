@@ -35,7 +35,7 @@ def skills(args) -> list[dict]:
 
 
 def world(args, root: Path, names: list[str]) -> dict:
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.generate.tiny_tokenizer import save_chat_model
 
     base = (
@@ -44,7 +44,7 @@ def world(args, root: Path, names: list[str]) -> dict:
         else save_chat_model(root / "base", hidden=512, heads=8, intermediate=1024, layers=4)
     )
     experts = {
-        n: str(tiny.build_expert(base, root / n, seed=i + 1, strength=0.02))
+        n: str(probe_world.build_expert(base, root / n, seed=i + 1, strength=0.02))
         for i, n in enumerate(names)
     }
     return {"base": str(base), "experts": experts}

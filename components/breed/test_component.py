@@ -1,13 +1,13 @@
 import pytest
-import yaml
 
-from cycleqd import steps, tiny
-from cycleqd.errors import ConfigError, CycleQDError
+from cycleqd import steps
+from cycleqd.errors import CycleQDError
+from cycleqd.state import CampaignStore
 from cycleqd_kfp.components.breed.component import breed
 
 
-def test_breeds_population_then_nothing_once_done(tiny_world, tmp_path):
-    config = yaml.safe_dump({**tiny.default_config(tiny_world, generations=1), "population": 3})
+def test_breeds_population_then_nothing_once_done(probe_campaign, tmp_path):
+    config = probe_campaign(generations=1, population=3)
     args = {"campaign_config": config, "store_uri": str(tmp_path), "run_owner": "r"}
     with pytest.raises(CycleQDError, match="not seeded yet"):
         breed.python_func(**args, shards=3)
@@ -25,10 +25,11 @@ def test_breeds_population_then_nothing_once_done(tiny_world, tmp_path):
     assert breed.python_func(**args, shards=3) == []
 
 
-def test_shards_deal_children_round_robin_and_never_exceed_the_children():
-    ids = [f"g{i}" for i in range(5)]
-    assert steps.shard(ids, 2) == ["g0,g2,g4", "g1,g3"]
-    assert steps.shard(ids, 8) == ids
-    assert steps.shard([], 4) == []
-    with pytest.raises(ConfigError, match="shards must be at least 1"):
-        steps.shard(ids, 0)
+def test_breeds_as_a_kfp_task(probe_campaign, kfp_local, tmp_path):
+    config = probe_campaign(generations=1, population=3)
+    store = str(tmp_path / "campaign")
+    steps.seed(config, store, owner="r")
+    task = breed(campaign_config=config, store_uri=store, run_owner="r", shards=2)
+    # The children's recipes are in the store, dealt into two groups.
+    recorded = [r["id"] for r in CampaignStore(store).get_json("pending/000001.json")]
+    assert task.output == steps.shard(recorded, 2) and len(recorded) == 3

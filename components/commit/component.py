@@ -12,8 +12,23 @@ def commit(
     archives: dsl.Output[dsl.Metrics],
     elite_maps: dsl.Output[dsl.HTML],
 ) -> str:
-    """Insert the generation's evaluated children into every archive they win and commit the
-    archives as a new, never-overwritten snapshot. Shows the archives' fill and elite maps."""
+    """Insert the generation's evaluated children into the archives and commit them.
+
+    Every child enters each archive whose cell it beats; the archives are written as a new,
+    never-overwritten snapshot. A retried task whose generation was committed changes nothing.
+
+    Args:
+        campaign_config: The campaign config (YAML; see the README's "Configuration").
+        store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
+        tracking_uri: MLflow tracking URI; empty: no tracking.
+        run_owner: This run's id, the owner of the campaign's lease.
+
+    Returns:
+        archives: The committed generation, and each archive's best quality and elite count.
+        elite_maps: One heatmap per archive (SVG; each elite's scores in its tooltip).
+        Output: The commit's summary (JSON): generation, whether it committed, the children
+            with their scores and the archives they entered, the archives' fill.
+    """
     import json
 
     from cycleqd import steps

@@ -1,9 +1,9 @@
 import pytest
-import yaml
 from kfp import dsl
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.errors import CycleQDError
+from cycleqd.state import CampaignStore
 from cycleqd_kfp.components.evaluate.component import evaluate
 
 
@@ -18,13 +18,28 @@ class CountingEvaluator:
         return self.inner.evaluate(genome_id, tensors)
 
 
-def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
-    tiny_world, probe_evaluator, tmp_path, monkeypatch
-):
-    config = yaml.safe_dump({**tiny.default_config(tiny_world, generations=1), "population": 3})
+@pytest.fixture
+def bred(probe_campaign, tmp_path) -> tuple[str, str, str]:
+    """A seeded campaign whose generation 1 is bred: (config, store, its children as one
+    evaluation group)."""
+    config = probe_campaign(generations=1, population=3)
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")
-    (shard,) = steps.shard(steps.breed(config, store, owner="r"), 1)
+    (group,) = steps.shard(steps.breed(config, store, owner="r"), 1)
+    return config, store, group
+
+
+def _assert_every_child_scored(metrics: dict, group: str) -> None:
+    for child in group.split(","):
+        for skill in probe_world.SKILLS:
+            assert 0.0 <= metrics[f"{child[:12]}.{skill}"] <= 1.0
+        assert metrics[f"{child[:12]}.rejected"] == 0.0
+
+
+def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
+    bred, probe_evaluator, output_artifact, monkeypatch
+):
+    config, store, shard = bred
     built: list[CountingEvaluator] = []
 
     def build(_config):
@@ -32,27 +47,35 @@ def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
         return built[-1]
 
     monkeypatch.setattr(steps, "build_evaluator", build)
-    metrics = dsl.Metrics(name="scores", uri=str(tmp_path / "metrics"), metadata={})
+    metrics = output_artifact(dsl.Metrics, "scores")
     evaluate.python_func(campaign_config=config, store_uri=store, genome_ids=shard, scores=metrics)
     assert len(built) == 1 and built[0].calls == 3
-    children = shard.split(",")
-    for child in children:
-        for skill in tiny.SKILLS:
-            assert 0.0 <= metrics.metadata[f"{child[:12]}.{skill}"] <= 1.0
-        assert metrics.metadata[f"{child[:12]}.rejected"] == 0.0
+    _assert_every_child_scored(metrics.metadata, shard)
     # A retried task reads the recorded scores back: nothing is scored twice.
-    again = dsl.Metrics(name="scores", uri=str(tmp_path / "metrics2"), metadata={})
+    again = output_artifact(dsl.Metrics, "scores-again")
     evaluate.python_func(campaign_config=config, store_uri=store, genome_ids=shard, scores=again)
     assert built[-1].calls == 0 and again.metadata == metrics.metadata
 
 
-def test_refuses_children_of_another_generation(tiny_world, tmp_path):
-    config = yaml.safe_dump(tiny.default_config(tiny_world, generations=1))
+def test_refuses_children_of_another_generation(probe_campaign, output_artifact, tmp_path):
+    config = probe_campaign(generations=1, population=1)
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")
     steps.breed(config, store, owner="r")
-    metrics = dsl.Metrics(name="scores", uri=str(tmp_path / "m"), metadata={})
+    metrics = output_artifact(dsl.Metrics, "scores")
     with pytest.raises(CycleQDError, match="not in generation 1"):
         evaluate.python_func(
             campaign_config=config, store_uri=store, genome_ids="feedface", scores=metrics
         )
+
+
+def test_scores_as_a_kfp_task_and_keeps_the_scores_in_the_store(bred, kfp_local):
+    config, store, group = bred
+    task = evaluate(campaign_config=config, store_uri=store, genome_ids=group)
+    _assert_every_child_scored(task.outputs["scores"].metadata, group)
+    kept = CampaignStore(store)
+    for child in group.split(","):  # for the commit task, and for a retried task to read back
+        assert kept.get_json(f"evaluations/{child}.json")["scores"] == {
+            skill: task.outputs["scores"].metadata[f"{child[:12]}.{skill}"]
+            for skill in probe_world.SKILLS
+        }

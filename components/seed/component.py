@@ -5,7 +5,19 @@ from cycleqd_kfp.components.runtime import EVALUATOR_IMAGE
 
 @dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
 def seed(campaign_config: str, store_uri: str, tracking_uri: str, run_owner: str) -> int:
-    """Generation 0: score every expert on every skill and seed the archives (once)."""
+    """Generation 0: score every expert on every skill and put them in the archives.
+
+    Done once per campaign: a retried task, or a later run of the campaign, changes nothing.
+
+    Args:
+        campaign_config: The campaign config (YAML; see the README's "Configuration").
+        store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
+        tracking_uri: MLflow tracking URI; empty: no tracking.
+        run_owner: This run's id, the owner of the campaign's lease.
+
+    Returns:
+        Output: The campaign's last committed generation (0 after seeding).
+    """
     from cycleqd import steps
 
     return steps.seed(campaign_config, store_uri, tracking_uri, run_owner)

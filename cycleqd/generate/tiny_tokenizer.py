@@ -83,7 +83,7 @@ def build_chat_model(
 ):
     """A random Llama (float32, eval mode) sized to the tokenizer; returns (model, tokenizer).
 
-    Weights are drawn wider than the default init (as in `cycleqd.tiny`), so greedy decoding
+    Weights are drawn wider than the default init (as in `cycleqd.probe_world`), so greedy decoding
     wanders over the vocabulary instead of repeating one token.
     """
     import torch

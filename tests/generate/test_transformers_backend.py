@@ -158,14 +158,16 @@ def test_load_weights_swaps_like_a_fresh_backend(
 def test_load_weights_of_a_materialised_child(tmp_path, tokenizer, conversations):
     """The evaluator's path: a child genome built tensor by tensor into a warm model gives
     the same text as a backend loaded fresh from the child's weights on disk."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.generate.tiny_tokenizer import save_chat_model
     from cycleqd.genome import Genome, GenomeBook, Mutation
     from cycleqd.materialize import Materializer
     from cycleqd.weights import SafetensorsFolder, write_safetensors
 
     base = save_chat_model(tmp_path / "base", tokenizer=tokenizer)
-    experts = [tiny.build_expert(base, tmp_path / f"expert{i}", seed=i + 1) for i in range(2)]
+    experts = [
+        probe_world.build_expert(base, tmp_path / f"expert{i}", seed=i + 1) for i in range(2)
+    ]
     book = GenomeBook()
     folders = {book.add(Genome(kind="base", source=str(base))): base}
     ids = []

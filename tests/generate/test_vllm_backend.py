@@ -51,7 +51,7 @@ class StandInWorker(WeightSwapExtension):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer):
     """A chat base, two experts and a child genome (official-code mutation)."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.generate.tiny_tokenizer import save_chat_model
     from cycleqd.genome import Genome, GenomeBook, Mutation
 
@@ -61,7 +61,7 @@ def world(tmp_path_factory, tokenizer):
     folders = {book.add(Genome(kind="base", source=str(base))): str(base)}
     experts = []
     for i in range(2):
-        folder = tiny.build_expert(base, root / f"expert{i}", seed=i + 1)
+        folder = probe_world.build_expert(base, root / f"expert{i}", seed=i + 1)
         gid = book.add(Genome(kind="expert", source=str(folder), skill=f"s{i}"))
         folders[gid] = str(folder)
         experts.append(gid)

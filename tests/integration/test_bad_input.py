@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.cli import main
 from cycleqd.config import parse_config
@@ -33,7 +33,7 @@ def _edit(folder: str, edit) -> None:
 
 def _campaign_with(world, evaluator, root, skill, folder) -> Campaign:
     experts = dict(world["experts"], **{skill: folder})
-    config = parse_config(tiny.default_config({"base": world["base"], "experts": experts}))
+    config = parse_config(probe_world.default_config({"base": world["base"], "experts": experts}))
     return Campaign(config, CampaignStore(root / "campaign"), evaluator)
 
 
@@ -58,7 +58,9 @@ def test_expert_with_missing_tensor(tiny_world, probe_evaluator, tmp_path):
 
 
 def test_expert_of_another_architecture(tiny_world, probe_evaluator, tmp_path):
-    other = tiny.build_base(tmp_path / "other", tiny.llama_config(hidden=32, intermediate=64))
+    other = probe_world.build_base(
+        tmp_path / "other", probe_world.llama_config(hidden=32, intermediate=64)
+    )
     with pytest.raises(ModelMismatchError, match=r"hidden_size=32.*base has 64"):
         _seed_with(tiny_world, probe_evaluator, tmp_path, "probe_a", str(other))
 
@@ -85,7 +87,7 @@ def test_expert_with_nan_is_refused_at_seeding(tiny_world, probe_evaluator, tmp_
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     path = tmp_path / "campaign.yaml"
-    config = tiny.default_config(
+    config = probe_world.default_config(
         {"base": "b", "experts": {"probe_a": "x", "probe_b": "y", "probe_c": "z", "chess": "w"}}
     )
     config["mutation"] = {"kind": "svdd"}
@@ -98,7 +100,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 
 def test_cli_reports_unknown_skill(tmp_path, capsys):
     path = tmp_path / "campaign.yaml"
-    config = tiny.default_config(
+    config = probe_world.default_config(
         {"base": "b", "experts": {"probe_a": "x", "probe_b": "y", "probe_c": "z", "chess": "w"}}
     )
     path.write_text(yaml.safe_dump(config))

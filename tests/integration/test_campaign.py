@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign, breed
 from cycleqd.config import parse_config
 from cycleqd.genome import Genome, Mutation
@@ -16,7 +16,7 @@ from cycleqd.state import CampaignStore
 
 
 def _config(world: dict, **overrides) -> dict:
-    config = tiny.default_config(world, generations=overrides.pop("generations", 6))
+    config = probe_world.default_config(world, generations=overrides.pop("generations", 6))
     config.update(overrides)
     return config
 
@@ -262,7 +262,7 @@ def test_stored_low_rank_factors_give_the_same_child(tiny_world, probe_evaluator
     shutil.copytree(experts["probe_c"], copy)
     base, expert = SafetensorsFolder(tiny_world["base"]), SafetensorsFolder(copy)
     targets = {n: expert.specs()[n].shape for n in expert.names() if "proj" in n}
-    # tiny.build_expert adds rank-4 task vectors: rank-4 factors hold all of them.
+    # probe_world.build_expert adds rank-4 task vectors: rank-4 factors hold all of them.
     (copy / "task_vector").mkdir()
     write_factors(
         copy / FACTORS_FILE,
@@ -347,7 +347,7 @@ def test_paper_svd_non_elites_write_nothing(tiny_world, probe_evaluator, tmp_pat
         return real(store, prefix, *args, **kwargs)
 
     monkeypatch.setattr(cycleqd.state, "publish_model", recording)
-    skills = [{"name": s, "bc_min": 0.0, "bc_max": 1.0, "bins": 3} for s in tiny.SKILLS]
+    skills = [{"name": s, "bc_min": 0.0, "bc_max": 1.0, "bins": 3} for s in probe_world.SKILLS]
     campaign = _campaign(
         tiny_world,
         probe_evaluator,

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.errors import CycleQDError
@@ -16,7 +16,7 @@ from cycleqd.state import CampaignLockedError, CampaignStore
 
 
 def _campaign(world, evaluator, store, **overrides) -> Campaign:
-    config = tiny.default_config(world, generations=overrides.pop("generations", 4))
+    config = probe_world.default_config(world, generations=overrides.pop("generations", 4))
     config.update(overrides)
     return Campaign(parse_config(config), store, evaluator)
 

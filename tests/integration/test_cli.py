@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.cli import main
 
 
@@ -24,7 +24,7 @@ def test_embedded_quick_start_run(tmp_path, capsys):
     exports = list((workdir / "campaign" / "exports").iterdir())
     assert len(exports) == 1 and (exports[0] / "cycleqd-manifest.json").exists()
     maps = sorted(p.name for p in (workdir / "elite-maps").iterdir())
-    assert maps == [f"{s}.png" for s in sorted(tiny.SKILLS)]
+    assert maps == [f"{s}.png" for s in sorted(probe_world.SKILLS)]
     assert all((workdir / "elite-maps" / m).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for m in maps)
     assert (workdir / "campaign" / "generations" / "000004.json").exists()
     # Tracked in the embedded MLflow store: one run per generation, the final model registered.
@@ -41,7 +41,7 @@ def test_embedded_quick_start_run(tmp_path, capsys):
 
 
 def test_cli_run_and_resume(tiny_world, tmp_path, capsys):
-    config = tiny.default_config(tiny_world, generations=3)
+    config = probe_world.default_config(tiny_world, generations=3)
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(config))
     workdir = str(tmp_path / "run")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "safetensors", "transformers", "mlflow", "matplotlib")
@@ -56,7 +56,9 @@ def _run(task: str, config: str, store: str, out: Path) -> dict:
 
 
 def test_breed_and_commit_tasks_run_without_torch(tiny_world, tmp_path):
-    config = yaml.safe_dump({**tiny.default_config(tiny_world, generations=1), "population": 3})
+    config = yaml.safe_dump(
+        {**probe_world.default_config(tiny_world, generations=1), "population": 3}
+    )
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")  # scores the experts: torch, in this process
 
@@ -70,5 +72,5 @@ def test_breed_and_commit_tasks_run_without_torch(tiny_world, tmp_path):
     # Its elite maps for the Kubeflow UI are SVG, drawn without matplotlib.
     assert committed["imported"] == [], f"commit/release imported {committed['imported']}"
     maps = (tmp_path / "maps.html").read_text()
-    assert maps.count("<svg") == len(tiny.SKILLS) and "after generation 1" in maps
+    assert maps.count("<svg") == len(probe_world.SKILLS) and "after generation 1" in maps
     assert committed["result"]["generation"] == 1 and committed["result"]["committed"]

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from cycleqd import evaluation_service, steps, tiny
+from cycleqd import evaluation_service, probe_world, steps
 from cycleqd.errors import CycleQDError
 from cycleqd.evaluation_service import SOCKET_ENV, evaluate_children
 from cycleqd.evaluation_service import evaluation_service as service
@@ -22,7 +22,9 @@ from cycleqd.state import CampaignStore
 
 
 def _campaign(world, generations: int = 2) -> str:
-    return yaml.safe_dump({**tiny.default_config(world, generations=generations), "population": 3})
+    return yaml.safe_dump(
+        {**probe_world.default_config(world, generations=generations), "population": 3}
+    )
 
 
 def _run_generations(config: str, store: str, on_evaluated=None) -> list[dict]:

@@ -1,6 +1,7 @@
 """The experts stage: experts given as fine-tuning specs are trained from the base by the
-stage (in process, as a Kubeflow component, through kfp.local), published in the campaign
-store, seeded from there, never trained twice, and a killed run resumes bit for bit."""
+stage (in process, and through kfp.local in `cycleqd run`), published in the campaign store,
+seeded from there, never trained twice, and a killed run resumes bit for bit. The `finetune`
+component on its own: components/finetune/test_component.py."""
 
 from __future__ import annotations
 
@@ -32,21 +33,18 @@ ROOT = Path(__file__).resolve().parents[2]
 MINI = MINI_WORLD
 
 
-@pytest.fixture(scope="module")
-def mini_base(tmp_path_factory) -> dict:
-    return build_base(tmp_path_factory.mktemp("mini-base"), MINI)
-
-
 def _config(world: dict, **overrides) -> dict:
     data = tiny_campaign_config(world, name="mini", generations=1, samples=3, population=1)
     return {**data, **overrides}
 
 
-def test_the_stage_publishes_each_expert_once_and_the_campaign_seeds_from_it(mini_base, tmp_path):
+def test_the_stage_publishes_each_expert_once_and_the_campaign_seeds_from_it(
+    mini_skill_world, tmp_path
+):
     from cycleqd.campaign import Campaign
     from cycleqd.evaluators import build_evaluator
 
-    config = parse_config(_config(mini_base))
+    config = parse_config(_config(mini_skill_world))
     store = CampaignStore(tmp_path / "campaign")
     assert experts_to_train(config) == list(FAMILIES)
     with (
@@ -70,24 +68,13 @@ def test_the_stage_publishes_each_expert_once_and_the_campaign_seeds_from_it(min
     assert again["reused"] and again["sha256"] == records["tiny_sql"]["sha256"]
 
 
-def test_a_store_of_another_campaign_is_refused_before_training(mini_base, tmp_path):
+def test_a_store_of_another_campaign_is_refused_before_training(mini_skill_world, tmp_path):
     store = tmp_path / "campaign"
-    train_expert(parse_config(_config(mini_base)), str(store), "tiny_code")
-    other = _config(mini_base)
+    train_expert(parse_config(_config(mini_skill_world)), str(store), "tiny_code")
+    other = _config(mini_skill_world)
     other["models"]["experts"]["tiny_code"]["learning_rate"] = 0.5
     with pytest.raises(CycleQDError, match="different config"):
         train_expert(parse_config(other), str(store), "tiny_code")
-
-
-def test_the_finetune_component_trains_and_a_retry_reuses(mini_base, tmp_path):
-    from cycleqd_kfp.components.finetune.component import finetune
-
-    config = yaml.safe_dump(_config(mini_base))
-    args = dict(campaign_config=config, store_uri=str(tmp_path), skill="tiny_shell")
-    first = json.loads(finetune.python_func(**args, tracking_uri=""))
-    assert first["skill"] == "tiny_shell" and not first["reused"]
-    retried = json.loads(finetune.python_func(**args, tracking_uri=""))
-    assert retried["reused"] and retried["sha256"] == first["sha256"]
 
 
 def _experts_cli(config_path: Path, workdir: Path) -> subprocess.Popen:
@@ -147,12 +134,12 @@ def test_a_fine_tuning_task_killed_with_sigkill_and_rerun_publishes_the_same_byt
 
 
 @pytest.mark.slow
-def test_cycleqd_run_shows_the_experts_stage_through_kfp_local(mini_base, tmp_path):
+def test_cycleqd_run_shows_the_experts_stage_through_kfp_local(mini_skill_world, tmp_path):
     """The pipeline's experts stage (ParallelFor over preflight's list, the finetune
     component) through kfp.local for the tiny world, then the seed from what it published."""
 
     path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump(_config(mini_base, generations=0)))
+    path.write_text(yaml.safe_dump(_config(mini_skill_world, generations=0)))
     workdir = tmp_path / "run"
     args = ["run", "--config", str(path), "--workdir", str(workdir), "--no-tracking"]
     proc = subprocess.run(
@@ -175,7 +162,7 @@ def test_cycleqd_run_shows_the_experts_stage_through_kfp_local(mini_base, tmp_pa
 
 
 def test_bad_fine_tuning_specs_stop_the_run_before_any_training(
-    mini_base, tmp_path, capsys, reliability
+    mini_skill_world, tmp_path, capsys, reliability
 ):
     """Through `cycleqd run` (the pipeline's preflight, run first): data that is not chat
     JSONL, a conversation without an assistant turn, a LoRA target the base lacks, an expert
@@ -196,7 +183,7 @@ def test_bad_fine_tuning_specs_stop_the_run_before_any_training(
     }
     clear = {}
     for what, (change, expected) in cases.items():
-        data = _config(mini_base)
+        data = _config(mini_skill_world)
         tiny_sql = data["models"]["experts"]["tiny_sql"]
         if change is None:
             data["models"]["experts"]["coding"] = {"data": "derived"}

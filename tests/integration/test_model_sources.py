@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.errors import MissingTensorError, ModelMismatchError
@@ -164,7 +164,7 @@ def test_campaign_with_models_on_s3(
         pods.append(tmp_path / "pods" / task)
         monkeypatch.setenv("CYCLEQD_MODEL_CACHE", str(pods[-1]))
 
-    config = tiny.default_config(models, generations=2)
+    config = probe_world.default_config(models, generations=2)
     on_s3 = _run_tasks(
         config,
         f"s3://{seaweed.bucket}/campaign-{uuid.uuid4().hex[:8]}",
@@ -181,7 +181,7 @@ def test_campaign_with_models_on_s3(
         assert len([p for p in pod.iterdir() if p.is_dir()]) == 4
 
     local = _run_tasks(
-        tiny.default_config(tiny_world, generations=2),
+        probe_world.default_config(tiny_world, generations=2),
         str(tmp_path / "local-campaign"),
         probe_evaluator,
         requests,
@@ -204,7 +204,7 @@ def _campaign_store(seaweed) -> str:
 
 
 def _preflight(models: dict, store_uri: str) -> None:
-    config = yaml.safe_dump(tiny.default_config(models))
+    config = yaml.safe_dump(probe_world.default_config(models))
     steps.preflight(config, store_uri, owner="run")
 
 
@@ -235,7 +235,9 @@ def test_preflight_names_a_missing_s3_model(s3_world, seaweed):
 
 def test_preflight_names_an_s3_expert_with_other_shapes(s3_world, seaweed, tmp_path):
     _, models = s3_world
-    other = tiny.build_base(tmp_path / "other", tiny.llama_config(hidden=32, intermediate=64))
+    other = probe_world.build_base(
+        tmp_path / "other", probe_world.llama_config(hidden=32, intermediate=64)
+    )
     _, uris = _upload(seaweed, {"other": str(other)})
     models["experts"]["probe_c"] = uris["other"]
     store_uri = _campaign_store(seaweed)
@@ -406,10 +408,10 @@ def test_bad_locations_are_named(tmp_path, monkeypatch):
     with pytest.raises(MissingTensorError, match=r"base model .*/absent: no such folder"):
         check_models(
             parse_config(
-                tiny.default_config(
+                probe_world.default_config(
                     {
                         "base": str(tmp_path / "absent"),
-                        "experts": {s: str(tmp_path / s) for s in tiny.SKILLS},
+                        "experts": {s: str(tmp_path / s) for s in probe_world.SKILLS},
                     }
                 )
             ).models
@@ -439,7 +441,7 @@ def test_local_folders_for_the_vllm_worker(s3_world, probe_evaluator, tmp_path):
     from cycleqd.generate.vllm_worker import genome_request
 
     _, models = s3_world
-    config = parse_config(tiny.default_config(models))
+    config = parse_config(probe_world.default_config(models))
     with Campaign(config, CampaignStore(tmp_path / "campaign"), probe_evaluator) as campaign:
         folders = campaign.model_folders()
         expert = campaign.book.expert_ids()["probe_a"]

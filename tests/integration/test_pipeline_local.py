@@ -15,7 +15,7 @@ import cycleqd_tests_mlflow_server as mlflow_server
 import pytest
 import yaml
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.objectstore import S3ObjectStore
@@ -50,7 +50,7 @@ def test_pipeline_on_s3_and_mlflow(tiny_world, seaweed, mlflow_on_s3, tmp_path, 
     prefix = f"campaigns/{uuid.uuid4().hex[:8]}"
     store_uri = f"s3://{seaweed.bucket}/{prefix}"
     config = {
-        **tiny.default_config(tiny_world, generations=2, name="pipe"),
+        **probe_world.default_config(tiny_world, generations=2, name="pipe"),
         "population": 2,
         "mutation": {"kind": "svd"},
     }
@@ -86,7 +86,7 @@ def test_pipeline_on_s3_and_mlflow(tiny_world, seaweed, mlflow_on_s3, tmp_path, 
     with Campaign(
         parse_config(config),
         CampaignStore(tmp_path / "in-process"),
-        tiny.ProbeEvaluator(tiny_world["experts"]),
+        probe_world.ProbeEvaluator(tiny_world["experts"]),
     ) as whole:
         whole.run()
         assert whole.archives.to_dict() == snapshot["archives"]
@@ -121,7 +121,10 @@ def s3_server_objects(seaweed) -> list[str]:
 
 
 def test_killed_local_run_resumes_without_loss(tiny_world, tmp_path):
-    config = {**tiny.default_config(tiny_world, generations=4, name="killed"), "population": 1}
+    config = {
+        **probe_world.default_config(tiny_world, generations=4, name="killed"),
+        "population": 1,
+    }
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(config))
     workdir = tmp_path / "run"
@@ -164,12 +167,12 @@ def test_killed_local_run_resumes_without_loss(tiny_world, tmp_path):
     assert store.latest_generation() == 4
     assert "final (merge_best)" in second.stdout and "average of experts" in second.stdout
     assert sorted(p.name for p in (workdir / "elite-maps").iterdir()) == [
-        f"{s}.png" for s in sorted(tiny.SKILLS)
+        f"{s}.png" for s in sorted(probe_world.SKILLS)
     ]
     with Campaign(
         parse_config(config),
         CampaignStore(tmp_path / "whole"),
-        tiny.ProbeEvaluator(tiny_world["experts"]),
+        probe_world.ProbeEvaluator(tiny_world["experts"]),
     ) as whole:
         whole.run()
         assert whole.archives.to_dict() == store.read_snapshot(4)["archives"]

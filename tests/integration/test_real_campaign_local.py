@@ -30,11 +30,11 @@ SKILLS = ("coding", "db", "os")
 @pytest.fixture(scope="module")
 def smollm2_experts(smollm2, tmp_path_factory) -> dict[str, Path]:
     """Three 'experts': SmolLM2 plus a small random rank-4 change of every matrix."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
 
     root = tmp_path_factory.mktemp("smollm2-experts")
     return {
-        skill: tiny.build_expert(smollm2, root / skill, seed=i + 1, strength=0.02)
+        skill: probe_world.build_expert(smollm2, root / skill, seed=i + 1, strength=0.02)
         for i, skill in enumerate(SKILLS)
     }
 

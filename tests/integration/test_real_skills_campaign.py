@@ -24,13 +24,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def chat_world(tmp_path_factory) -> dict:
     """A random chat Llama (with tokenizer and chat template) and three experts of it."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.generate.tiny_tokenizer import save_chat_model
 
     root = tmp_path_factory.mktemp("chat-world")
     base = save_chat_model(root / "base", seed=0)
     experts = {
-        skill: str(tiny.build_expert(base, root / skill, seed=i + 1, strength=0.3))
+        skill: str(probe_world.build_expert(base, root / skill, seed=i + 1, strength=0.3))
         for i, skill in enumerate(("coding", "db", "os"))
     }
     return {"base": str(base), "experts": experts}

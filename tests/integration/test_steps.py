@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.errors import ConfigError, CycleQDError
@@ -13,7 +13,7 @@ from cycleqd.state import CampaignLockedError, CampaignStore
 
 
 def _yaml(world, **overrides) -> str:
-    config = tiny.default_config(world, generations=overrides.pop("generations", 4))
+    config = probe_world.default_config(world, generations=overrides.pop("generations", 4))
     config.update(overrides)
     return yaml.safe_dump(config)
 

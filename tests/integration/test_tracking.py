@@ -1,7 +1,7 @@
 """MLflow tracking of a real tiny campaign, against a real `mlflow server`.
 
 The servers run with a SQLite and a PostgreSQL backend, artifacts proxied into the SeaweedFS
-S3 bucket. The campaign is the tiny probe world's (`cycleqd.tiny`); the tracker's hooks are
+S3 bucket. The campaign is the tiny probe world's (`cycleqd.probe_world`); the tracker's hooks are
 called around `seed()`, `step()` and `finalize()`/`export()` as the campaign will call them.
 Lineage is checked from the registry entry of the final model back to the experts and the
 base through MLflow alone (MlflowClient queries on tags and links), then compared with the
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.archive import ArchiveSet
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
@@ -27,9 +27,9 @@ from cycleqd.elite_maps import MapData, maps_of, project_2d, write_elite_maps
 from cycleqd.state import CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, flatten
 
-SKILLS = list(tiny.SKILLS)
+SKILLS = list(probe_world.SKILLS)
 DATASETS = {
-    s: (f"probes-{s}", f"digest-{s}", f"s3://datasets/probes/{s}.jsonl") for s in tiny.SKILLS
+    s: (f"probes-{s}", f"digest-{s}", f"s3://datasets/probes/{s}.jsonl") for s in probe_world.SKILLS
 }
 
 
@@ -106,7 +106,7 @@ def no_fluent_runs(monkeypatch):
 
 
 def _campaign(world, evaluator, root, generations: int = 4, seed: int = 1) -> Campaign:
-    config = tiny.default_config(world, generations=generations)
+    config = probe_world.default_config(world, generations=generations)
     config["seed"] = seed  # seed 1 breeds elites from elites within 4 generations
     return Campaign(parse_config(config), CampaignStore(root), evaluator)
 
@@ -627,7 +627,7 @@ def test_rejected_step_is_skipped_not_blocking(tiny_world, probe_evaluator, tmp_
 
 def test_rejected_children_are_recorded(tiny_world, probe_evaluator, tmp_path):
     """Children with non-finite weights get a run flagged rejected, no scores, no model."""
-    config = tiny.default_config(tiny_world, generations=2)
+    config = probe_world.default_config(tiny_world, generations=2)
     config["mutation"] = {"kind": "gaussian", "sigma": 1e39}  # overflows: every child is Inf
     campaign = Campaign(parse_config(config), CampaignStore(tmp_path / "c"), probe_evaluator)
     tracker = MLflowTracker(None, "nan", campaign.store.uri)

@@ -43,13 +43,13 @@ def tree_digest(root: Path, skip: tuple[str, ...] = ("lease.json",)) -> dict[str
 def committed_campaign(tiny_world, probe_evaluator, tmp_path_factory) -> dict:
     """A campaign with 3 committed generations (paper SVD mutation: elites stored as
     weights), generation 4 bred and evaluated but not committed. Copy it, never change it."""
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.campaign import Campaign
     from cycleqd.config import parse_config
     from cycleqd.state import CampaignStore
 
     root = tmp_path_factory.mktemp("committed") / "campaign"
-    raw = tiny.default_config(tiny_world, generations=3)
+    raw = probe_world.default_config(tiny_world, generations=3)
     raw["mutation"] = {"kind": "svd", "w_max": 1.5}
     config = parse_config(raw)
     with Campaign(config, CampaignStore(root), probe_evaluator) as campaign:

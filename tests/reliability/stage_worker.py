@@ -133,8 +133,8 @@ def main() -> None:
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    import cycleqd.steps
-    import cycleqd.tiny  # noqa: F401
+    import cycleqd.probe_world
+    import cycleqd.steps  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

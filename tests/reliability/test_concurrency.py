@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.state import CampaignLockedError, CampaignStore
@@ -28,7 +28,7 @@ from .conftest import tree_digest
 RUNNER = """
 import json, sys, time
 from pathlib import Path
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.errors import CycleQDError
@@ -36,7 +36,7 @@ from cycleqd.state import CampaignStore
 
 spec = json.loads(sys.argv[1])
 config = parse_config(spec["config"])
-evaluator = tiny.ProbeEvaluator(spec["config"]["models"]["experts"])
+evaluator = probe_world.ProbeEvaluator(spec["config"]["models"]["experts"])
 try:
     with Campaign(config, CampaignStore(spec["store"]), evaluator) as campaign:
         Path(spec["ready"]).write_text("held")
@@ -66,7 +66,7 @@ def _spawn(config: dict, store: Path, ready: Path, hold: Path | None) -> subproc
 def test_second_process_is_refused_naming_the_holder_and_the_first_completes(
     tiny_world, probe_evaluator, tmp_path, reliability
 ):
-    config = tiny.default_config(tiny_world, generations=5)
+    config = probe_world.default_config(tiny_world, generations=5)
     store = tmp_path / "campaign"
     first = _spawn(config, store, tmp_path / "first.ready", hold=tmp_path / "second.done")
     deadline = time.monotonic() + 120
@@ -116,7 +116,7 @@ def test_second_process_is_refused_naming_the_holder_and_the_first_completes(
 def test_recurring_run_fired_while_the_previous_runs_is_refused_and_harms_nothing(
     tiny_world, tmp_path, reliability
 ):
-    text = yaml.safe_dump(tiny.default_config(tiny_world, generations=3))
+    text = yaml.safe_dump(probe_world.default_config(tiny_world, generations=3))
     store = str(tmp_path / "campaign")
     # Run 1 (a Kubeflow run: its tasks share its lease) has seeded and bred generation 1.
     steps.preflight(text, store, owner="run-1")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.objectstore import LocalObjectStore, model_is_complete
 
 WORKER = Path(__file__).with_name("stage_worker.py")
@@ -66,7 +66,7 @@ class ForkServer:
 
 
 def _config_text(world: dict) -> str:
-    config = tiny.default_config(world, name="crash", generations=GENERATIONS)
+    config = probe_world.default_config(world, name="crash", generations=GENERATIONS)
     config.update(population=2, mutation={"kind": "svd", "w_max": 1.5})
     config["evaluation"] = {"scorer": "probe", "probe_prompts": 16}
     return yaml.safe_dump(config)

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.cli import main as cli_main
 from cycleqd.config import CampaignConfig, load_config, parse_config
 from cycleqd.errors import ConfigError
@@ -19,8 +19,8 @@ from cycleqd.errors import ConfigError
 from .test_fuzz_store import tree_edit
 
 EXAMPLES = 120
-MODELS = {"base": "/models/base", "experts": {s: f"/models/{s}" for s in tiny.SKILLS}}
-VALID = tiny.default_config(MODELS, generations=5)
+MODELS = {"base": "/models/base", "experts": {s: f"/models/{s}" for s in probe_world.SKILLS}}
+VALID = probe_world.default_config(MODELS, generations=5)
 
 
 def _valid_yaml_text() -> str:

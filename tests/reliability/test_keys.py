@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cycleqd import tiny
+from cycleqd import probe_world
 from cycleqd.config import parse_config
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.objectstore import (
@@ -190,7 +190,7 @@ def test_genome_ids_campaign_names_and_uris_are_refused(tmp_path, reliability):
     models, store URIs buckets and prefixes: a hostile one is refused, naming it."""
     outside = tmp_path / "outside"
     store = CampaignStore(outside / "campaign")
-    models = {"base": "b", "experts": {s: s for s in tiny.SKILLS}}
+    models = {"base": "b", "experts": {s: s for s in probe_world.SKILLS}}
     tried = refused = 0
     for bad in (h for h in HOSTILE if h != "secret"):  # "secret" is a fine name
         for attempt in (
@@ -198,7 +198,7 @@ def test_genome_ids_campaign_names_and_uris_are_refused(tmp_path, reliability):
             lambda b=bad: store.has_model(b),
             lambda b=bad: store.open_model(b, "exports"),
             lambda b=bad: store.delete_model(b),
-            lambda b=bad: parse_config(tiny.default_config(models, name=b)),
+            lambda b=bad: parse_config(probe_world.default_config(models, name=b)),
         ):
             tried += 1
             try:

@@ -31,7 +31,7 @@ import cycleqd_tests_s3_server as s3_server
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.redact import MASK, RedactingFilter, redact_text, redact_uri, register_secret
 
 SECTION = "Secrets"
@@ -193,7 +193,9 @@ def sentinel_env(monkeypatch, sentinel_s3):
 
 
 def _config_yaml(world, generations: int = 2) -> str:
-    config = tiny.default_config(world, name=f"secrets-{_RUN.lower()}", generations=generations)
+    config = probe_world.default_config(
+        world, name=f"secrets-{_RUN.lower()}", generations=generations
+    )
     config["population"] = 2
     return yaml.safe_dump(config)
 

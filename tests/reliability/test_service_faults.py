@@ -22,7 +22,7 @@ import cycleqd_tests_s3_server as s3_server
 import pytest
 import yaml
 
-from cycleqd import steps, tiny
+from cycleqd import probe_world, steps
 from cycleqd.errors import CycleQDError
 from cycleqd.objectstore import (
     LocalObjectStore,
@@ -39,7 +39,7 @@ SECTION = "Service faults"
 
 
 def _config_text(world: dict, generations: int = 3, **overrides) -> str:
-    config = tiny.default_config(world, name="faults", generations=generations)
+    config = probe_world.default_config(world, name="faults", generations=generations)
     config.update(population=2, mutation={"kind": "svd", "w_max": 1.5})
     config["evaluation"] = {"scorer": "probe", "probe_prompts": 16}
     config.update(overrides)

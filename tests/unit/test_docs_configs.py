@@ -63,11 +63,11 @@ def test_every_documented_config_validates(where, document):
 
 
 def test_the_worlds_configs_validate(tmp_path):
-    from cycleqd import tiny
+    from cycleqd import probe_world
     from cycleqd.skills.tiny.train import campaign_config
 
     models = {"base": str(tmp_path / "b"), "experts": {}}
-    probe = tiny.default_config({**models, "experts": {s: "x" for s in tiny.SKILLS}})
+    probe = probe_world.default_config({**models, "experts": {s: "x" for s in probe_world.SKILLS}})
     assert parse_config(probe).evaluation.scorer == "probe"
     from cycleqd.skills.tiny.tasks import FAMILIES
 

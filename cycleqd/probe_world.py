@@ -1,5 +1,6 @@
-"""A tiny random Llama world that runs anywhere in seconds: for tests, benchmarks and the
-embedded `cycleqd run` until the execution-verified tiny skill world exists (issue 4).
+"""The probe world: a tiny random Llama world that runs anywhere in seconds, for tests,
+benchmarks and `cycleqd run --world probe` (a smoke test of the machinery; the tiny skill
+world with real, execution-verified skills is `cycleqd.skills.tiny`).
 
 Models: a random base Llama and one expert per skill, each the base plus a random low-rank
 task vector on every linear layer (the shape a LoRA fine-tune leaves).
