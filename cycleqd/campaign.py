@@ -254,7 +254,7 @@ class Campaign:
         if self.book.linear_form(genome_id) is None and genome_id not in self._written:
             # Weights uploaded by an attempt that died before recording its evaluation: the
             # record must still carry their sha256 (the lineage's link to the weights).
-            manifest = read_manifest(self.store.store, f"models/{genome_id}") or {}
+            manifest = read_manifest(self.store.store, self.store.model_prefix(genome_id)) or {}
             sha = (manifest.get("files") or {}).get("model.safetensors")
             if isinstance(sha, str):
                 self._written[genome_id] = sha
@@ -298,12 +298,12 @@ class Campaign:
         if samples is None:
             return {}
         if self.config.evaluation.transcripts:
-            self.store.put_json(f"transcripts/{genome_id}.json", samples)
+            self.store.put_json(self.store.transcript_key(genome_id), samples)
         return {name: r["quality"] for name, r in samples.items() if r.get("reported")}
 
     def read_samples(self, genome_id: str) -> dict | None:
         """A model's stored transcripts (see `_keep_samples`), or None."""
-        return self.store.get_json(f"transcripts/{genome_id}.json")
+        return self.store.get_json(self.store.transcript_key(genome_id))
 
     def _may_enter(self, genome_id: str, scores: dict[str, float]) -> bool:
         """Whether the child would enter an archive as committed now. Cells only ever get
@@ -375,7 +375,7 @@ class Campaign:
         children = breed(self.config, self.book, copy.deepcopy(self.archives), generation)
         ids = [self.book.add(child) for child in children]
         self.store.put_json(
-            f"pending/{generation:06d}.json",
+            self.store.pending_key(generation),
             [{"id": g, **c.to_dict()} for g, c in zip(ids, children, strict=True)],
         )
         return ids
@@ -383,17 +383,18 @@ class Campaign:
     def load_pending(self) -> list[str]:
         """The children bred for the next generation (by another process), added to the book."""
         generation = self.generation + 1
-        records = self.store.get_json(f"pending/{generation:06d}.json")
+        key = self.store.pending_key(generation)
+        records = self.store.get_json(key)
         if records is None:
             raise CycleQDError(
                 f"{self.store.uri}: generation {generation} has not been bred yet (no "
-                f"pending/{generation:06d}.json); run the breed step first"
+                f"{key}); run the breed step first"
             )
         for record in records:
             genome = Genome.from_dict(record)
             if genome.id != record.get("id"):
                 raise CycleQDError(
-                    f"pending/{generation:06d}.json: record {record.get('id')} "
+                    f"{key}: record {record.get('id')} "
                     "does not match its content; the file was edited or corrupted"
                 )
             self.book.add(genome)
@@ -401,7 +402,7 @@ class Campaign:
 
     def evaluate_child(self, genome_id: str) -> dict:
         """Score a child once: the result is kept in the store, a retry reads it back."""
-        key = f"evaluations/{genome_id}.json"
+        key = self.store.evaluation_key(genome_id)
         record = self.store.get_json(key)
         if record is None:
             scores = self.evaluate(genome_id)
@@ -422,7 +423,7 @@ class Campaign:
         # Breeding again from the same archives and seed yields the same children and the same
         # sampling counts; a mismatch means the code or config changed mid-generation.
         children = breed(self.config, self.book, self.archives, generation)
-        recorded = self.store.get_json(f"pending/{generation:06d}.json") or []
+        recorded = self.store.get_json(self.store.pending_key(generation)) or []
         if [c.id for c in children] != [r.get("id") for r in recorded]:
             raise CycleQDError(
                 f"generation {generation}: the recorded children differ from what the campaign "
@@ -431,7 +432,7 @@ class Campaign:
         results = []
         for child in children:
             gid = self.book.add(child)
-            record = self.store.get_json(f"evaluations/{gid}.json")
+            record = self.store.get_json(self.store.evaluation_key(gid))
             if record is None:
                 raise CycleQDError(f"generation {generation}: child {gid} was never evaluated")
             scores = record["scores"]

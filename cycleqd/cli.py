@@ -332,10 +332,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"models scored in generation {latest}:")
         for genome in shown:
             gid = genome["id"]
-            record = store.get_json(f"evaluations/{gid}.json") or {}
+            record = store.get_json(store.evaluation_key(gid)) or {}
             scores = record.get("scores") or elites.get(gid) or {}
             text = " ".join(f"{k}={v:.3f}" for k, v in scores.items()) or genome["kind"]
-            kept = store.store.exists(f"transcripts/{gid}.json")
+            kept = store.store.exists(store.transcript_key(gid))
             print(f"  {gid}  {text}" + ("  [transcripts]" if kept else ""))
         print(f"transcripts of a model: cycleqd inspect {args.campaign} --genome <id>")
     return 0
@@ -343,11 +343,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _inspect_genome(store, args: argparse.Namespace) -> int:
     """Every sample a model was scored on, per skill: its transcript and verdict."""
-    matches = [
-        key[len("transcripts/") : -len(".json")]
-        for key in store.store.list("transcripts/")
-        if key[len("transcripts/") :].startswith(args.genome)
-    ]
+    listed = (store.genome_of_transcript(k) for k in store.store.list(store.TRANSCRIPTS))
+    matches = [gid for gid in listed if gid.startswith(args.genome)]
     if len(matches) != 1:
         what = "no model" if not matches else f"{len(matches)} models"
         raise CycleQDError(
@@ -355,7 +352,7 @@ def _inspect_genome(store, args: argparse.Namespace) -> int:
             "(`cycleqd inspect <campaign>` lists them)"
         )
     (gid,) = matches
-    skills = store.get_json(f"transcripts/{gid}.json") or {}
+    skills = store.get_json(store.transcript_key(gid)) or {}
     for name, result in skills.items():
         if args.skill and name != args.skill:
             continue
@@ -405,7 +402,7 @@ def _export(args: argparse.Namespace) -> int:
         raise CycleQDError(f"{store.uri} has no exported model {genome}; it has {exported}")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    prefix = f"exports/{genome}/"
+    prefix = f"{store.model_prefix(genome, 'exports')}/"
     for key in store.store.list(prefix):
         store.store.get_file(key, output / key[len(prefix) :])  # sha256-verified
     print(f"exported model {genome} -> {output}")

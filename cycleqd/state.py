@@ -19,6 +19,9 @@ Keys under the campaign's store:
                                       + manifest with the genome record, factors.safetensors)
     training/<skill>.jsonl            the derived training set an expert was trained on
     checkpoints/experts/<skill>/      a fine-tuning run's checkpoints (deleted once published)
+    preflight/<random>                a probe that preflight writes and deletes at once
+
+Every key is formatted here (the `*_key` and `*_prefix` methods), nowhere else.
 
 Objects are written whole (S3 PUTs, atomic renames locally), so a crash leaves either the old
 state or the new one, never half of it.
@@ -351,6 +354,40 @@ class CampaignStore:
             f"{lease.pid}) until {until}. Wait for it to finish; if it died, its lease expires "
             "then, or delete lease.json from the campaign to take over now."
         )
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object: credentials, bucket and write access in one go."""
+        probe = f"preflight/{uuid.uuid4().hex}"
+        self.store.put_bytes(probe, b"ok")
+        self.store.delete(probe)
+
+    # -- per-generation and per-genome records -----------------------------------------------
+
+    PENDING = "pending/"
+    EVALUATIONS = "evaluations/"
+    TRANSCRIPTS = "transcripts/"
+
+    @staticmethod
+    def pending_key(generation: int) -> str:
+        return f"pending/{int(generation):06d}.json"
+
+    @staticmethod
+    def evaluation_key(genome_id: str) -> str:
+        return f"evaluations/{genome_id}.json"
+
+    @staticmethod
+    def transcript_key(genome_id: str) -> str:
+        return f"transcripts/{genome_id}.json"
+
+    @staticmethod
+    def genome_of_transcript(key: str) -> str:
+        """The genome id a transcripts/ key is for (the inverse of `transcript_key`)."""
+        return key.removeprefix("transcripts/").removesuffix(".json")
+
+    @staticmethod
+    def model_prefix(genome_id: str, area: str = "models") -> str:
+        """models/<id> (elite weights) or exports/<id> (exported final models)."""
+        return _model_prefix(area, genome_id)
 
     # -- experts the campaign fine-tunes ------------------------------------------------------
 

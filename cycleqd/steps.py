@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -92,9 +91,7 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
     # LoRA targets against the base's layers) before any GPU is requested.
     check_expert_specs(config, check_models(config.models))
     store = CampaignStore(store_uri)
-    probe = f"preflight/{uuid.uuid4().hex}"
-    store.store.put_bytes(probe, b"ok")  # credentials, bucket and write access in one go
-    store.store.delete(probe)
+    store.check_writable()
     store.check_config(config)
     lease = store.read_lease()
     if lease is not None and lease.owner != owner and lease.is_live():
@@ -192,7 +189,7 @@ def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
     """Insert the evaluated children into the archives and commit the generation."""
     with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
         generation = c.generation + 1
-        pending = c.store.get_json(f"pending/{generation:06d}.json")
+        pending = c.store.get_json(c.store.pending_key(generation))
         results = c.commit_next() if pending else []
         summary = {
             "generation": c.generation,
