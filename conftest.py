@@ -158,6 +158,12 @@ class ReliabilityRecorder:
 _RELIABILITY_KEY = pytest.StashKey[dict]()
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow tests first (stable order otherwise): under pytest-xdist (`.ci/run`) the
+    minutes-long ones then run beside the many short ones instead of last, alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config) -> None:
     config.stash[_RELIABILITY_KEY] = {"rows": [], "ran": set(), "failed": set()}
 
