@@ -363,8 +363,6 @@ class CampaignStore:
 
     # -- per-generation and per-genome records -----------------------------------------------
 
-    PENDING = "pending/"
-    EVALUATIONS = "evaluations/"
     TRANSCRIPTS = "transcripts/"
 
     @staticmethod
@@ -377,12 +375,12 @@ class CampaignStore:
 
     @staticmethod
     def transcript_key(genome_id: str) -> str:
-        return f"transcripts/{genome_id}.json"
+        return f"{CampaignStore.TRANSCRIPTS}{genome_id}.json"
 
     @staticmethod
     def genome_of_transcript(key: str) -> str:
         """The genome id a transcripts/ key is for (the inverse of `transcript_key`)."""
-        return key.removeprefix("transcripts/").removesuffix(".json")
+        return key.removeprefix(CampaignStore.TRANSCRIPTS).removesuffix(".json")
 
     @staticmethod
     def model_prefix(genome_id: str, area: str = "models") -> str:
