@@ -140,8 +140,7 @@ class EvaluationServer:
     def warm(self, config_yaml: str) -> None:
         """Build the evaluator and load its model now, before the first request needs it."""
         with self._lock:
-            evaluator = self._evaluator_for(config_yaml)
-            getattr(evaluator, "evaluator", None)  # a LazyEvaluator builds here
+            self._evaluator_for(config_yaml).warm()
 
     def evaluate(self, config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
         from cycleqd import steps

@@ -43,13 +43,16 @@ class LazyEvaluator(EvaluatorBase):
     def evaluate_request(self, genome_id: str, request: dict) -> dict[str, float]:
         return self.evaluator.evaluate_request(genome_id, request)
 
+    def warm(self) -> None:
+        self.evaluator.warm()
+
     def samples(self, genome_id: str) -> dict[str, Any] | None:
         if self._evaluator is None:  # nothing scored yet: no model is loaded to say so
             return None
         return self._evaluator.samples(genome_id)
 
 
-def build_evaluator(config: CampaignConfig) -> Evaluator:
+def build_evaluator(config: CampaignConfig) -> LazyEvaluator:
     if config.evaluation.scorer == "probe":
         return LazyEvaluator(lambda: _probe_evaluator(config))
     return LazyEvaluator(lambda: skills_evaluator(config))

@@ -78,6 +78,11 @@ class EvaluatorBase(ABC):
     def samples(self, genome_id: str) -> dict[str, Any] | None:
         return None
 
+    def warm(self) -> None:
+        """Load what scoring needs now, before the first model arrives (default: nothing
+        is loaded lazily)."""
+        return None
+
 
 def as_evaluator(evaluator: Evaluator) -> EvaluatorBase:
     """`evaluator` as an `EvaluatorBase`: itself where it is one, else wrapped, so that code
