@@ -55,6 +55,7 @@ from cycleqd.objectstore import (
     RemoteSafetensors,
     StoreIntegrityError,
     StoreNotFoundError,
+    StorePreconditionError,
     model_is_complete,
     open_store,
     publish_model,
@@ -105,6 +106,28 @@ class Lease:
 # A run's task renews the lease its run holds without the settle wait while the lease has this
 # long left (far more than a write takes, far less than the default ttl of an hour).
 RENEW_MARGIN_S = 60.0
+
+
+LEASE_KEY = "lease.json"
+
+
+def _parse_lease(data: bytes) -> Lease | None:
+    """A lease record, or None: an unreadable lease protects nothing, it counts as none and
+    the next writer replaces it."""
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    owner, host, pid, expires = (record.get(k) for k in ("owner", "host", "pid", "expires_at"))
+    if not (isinstance(owner, str) and isinstance(host, str) and owner):
+        return None
+    if not (type(pid) is int and 0 < pid < 2**31):
+        return None
+    if type(expires) not in (int, float) or not math.isfinite(expires):
+        return None
+    return Lease(owner, host, pid, float(expires), record.get("driver") is True)
 
 
 def _live_for(lease: Lease, seconds: float) -> bool:
@@ -271,16 +294,28 @@ class CampaignStore:
     def acquire(self, ttl: float = 3600.0, settle: float = 0.2) -> None:
         """Take the campaign's lease or fail fast, naming who holds it.
 
-        Object stores offer no portable compare-and-swap, so the lease is written, then read
-        back after `settle` seconds: of two runs racing for it, the one whose token is read
-        back wins and the other fails. A dead run's lease expires after `ttl` seconds; every
-        committed generation renews it.
+        Where the store has conditional writes (a local folder; S3 services that honour
+        If-None-Match / If-Match: AWS, SeaweedFS, recent MinIO) the lease is a compare-and-
+        swap: written only if it is still the lease that was read, so of two runs racing for
+        it exactly one wins, at once. Elsewhere it is written, then read back after `settle`
+        seconds: of two racing runs, the one whose token is read back wins. A dead run's
+        lease expires after `ttl` seconds; every committed generation renews it.
         """
-        current = self.read_lease()
         owner = self._lease_owner or uuid.uuid4().hex
+        if self.store.conditional_writes():
+            current, version = self._read_lease_versioned()
+            if current and current.owner != owner and current.is_live():
+                raise CampaignLockedError(self.locked_message(current))
+            try:
+                self.store.put_if(LEASE_KEY, self._lease_bytes(owner, ttl), version)
+            except StorePreconditionError:
+                raise CampaignLockedError(self.locked_message(self.read_lease())) from None
+            self._lease_owner = owner
+            return
+        current = self.read_lease()
         if current and current.owner != owner and current.is_live():
             raise CampaignLockedError(self.locked_message(current))
-        self._write_lease(owner, ttl)
+        self.store.put_bytes(LEASE_KEY, self._lease_bytes(owner, ttl))
         if current and current.owner == owner and _live_for(current, RENEW_MARGIN_S):
             # A later task of the run that holds it: the lease has been live since the run won
             # it (a rival reading it since then gave up), so this is a renewal, with no race
@@ -296,12 +331,23 @@ class CampaignStore:
     def renew(self, ttl: float = 3600.0) -> None:
         if self._lease_owner is None:
             return
+        if self.store.conditional_writes():
+            current, version = self._read_lease_versioned()
+            if current is not None and current.owner == self._lease_owner:
+                try:
+                    self.store.put_if(LEASE_KEY, self._lease_bytes(self._lease_owner, ttl), version)
+                    return
+                except StorePreconditionError:
+                    current = self.read_lease()
+            raise CampaignLockedError(
+                f"lost the lease on {self.uri}: " + self.locked_message(current)
+            )
         current = self.read_lease()
         if current is None or current.owner != self._lease_owner:
             raise CampaignLockedError(
                 f"lost the lease on {self.uri}: " + self.locked_message(current)
             )
-        self._write_lease(self._lease_owner, ttl)
+        self.store.put_bytes(LEASE_KEY, self._lease_bytes(self._lease_owner, ttl))
 
     def release(self, *, shared: bool = False) -> None:
         """Give the lease back; a shared (run-wide) lease only when `shared` is set."""
@@ -309,28 +355,26 @@ class CampaignStore:
             return
         current = self.read_lease()
         if current is not None and current.owner == self._lease_owner:
-            self.store.delete("lease.json")
+            self.store.delete(LEASE_KEY)
         if not self._shared_owner:
             self._lease_owner = None
 
     def read_lease(self) -> Lease | None:
-        # An unreadable lease protects nothing: it counts as none, the next writer replaces it.
         try:
-            data = json.loads(self.store.get_bytes("lease.json"))
-        except (StoreNotFoundError, StoreIntegrityError, ValueError, RecursionError):
+            data = self.store.get_bytes(LEASE_KEY)
+        except (StoreNotFoundError, StoreIntegrityError):
             return None
-        if not isinstance(data, dict):
-            return None
-        owner, host, pid, expires = (data.get(k) for k in ("owner", "host", "pid", "expires_at"))
-        if not (isinstance(owner, str) and isinstance(host, str) and owner):
-            return None
-        if not (type(pid) is int and 0 < pid < 2**31):
-            return None
-        if type(expires) not in (int, float) or not math.isfinite(expires):
-            return None
-        return Lease(owner, host, pid, float(expires), data.get("driver") is True)
+        return _parse_lease(data)
 
-    def _write_lease(self, owner: str, ttl: float) -> None:
+    def _read_lease_versioned(self) -> tuple[Lease | None, str | None]:
+        """The lease and the version a conditional write must find; (None, None): none."""
+        try:
+            data, version = self.store.get_versioned(LEASE_KEY)
+        except StoreNotFoundError:
+            return None, None
+        return _parse_lease(data), version
+
+    def _lease_bytes(self, owner: str, ttl: float) -> bytes:
         driver = os.environ.get(DRIVER_PID_ENV, "")
         lease = {
             "owner": owner,
@@ -340,7 +384,7 @@ class CampaignStore:
             "driver": driver.isdigit() or not self._shared_owner,
             "expires_at": time.time() + ttl,
         }
-        self.store.put_bytes("lease.json", json.dumps(lease).encode())
+        return json.dumps(lease).encode()
 
     def locked_message(self, lease: Lease | None) -> str:
         if lease is None:

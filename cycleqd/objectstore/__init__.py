@@ -31,6 +31,7 @@ from cycleqd.objectstore.errors import (
     StoreError,
     StoreIntegrityError,
     StoreNotFoundError,
+    StorePreconditionError,
     StoreRangeError,
     StoreUnreachableError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "StoreError",
     "StoreIntegrityError",
     "StoreNotFoundError",
+    "StorePreconditionError",
     "StoreRangeError",
     "StoreUnreachableError",
     "check_key",

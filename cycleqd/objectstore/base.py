@@ -66,6 +66,22 @@ class ObjectStore(ABC):
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object (fewer if it ends before `end`)."""
 
+    # -- compare-and-swap ----------------------------------------------------------------------
+
+    def conditional_writes(self) -> bool:
+        """Whether `put_if` is a real compare-and-swap here."""
+        return False
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and the version that `put_if` compares against."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """Store `data` under `key` only if the object is still at `version` (None: only if
+        there is none), atomically; returns the new version. StorePreconditionError when
+        another writer got there first."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
     def exists(self, key: str) -> bool:
         try:
             self.stat(key)

@@ -42,3 +42,7 @@ class StoreUnreachableError(StoreError):
     """The S3 endpoint cannot be reached (refused, timed out, DNS)."""
 
     transient = True
+
+
+class StorePreconditionError(StoreError):
+    """A conditional write found the object changed (or created) since it was read."""

@@ -4,6 +4,7 @@ rename), their sha256 kept in an extended attribute where the file system has th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from cycleqd.objectstore.base import (
     integrity_error,
     sha256_of,
 )
-from cycleqd.objectstore.errors import StoreError, StoreNotFoundError
+from cycleqd.objectstore.errors import StoreError, StoreNotFoundError, StorePreconditionError
 from cycleqd.objectstore.keys import TMP_MARK, check_key, check_prefix, temp_sibling
 
 _XATTR = "user.cycleqd.sha256"
@@ -152,6 +153,35 @@ class LocalObjectStore(ObjectStore):
                     if key.startswith(prefix):
                         keys.append(key)
         return sorted(keys)
+
+    # -- compare-and-swap: conditional writes serialised by a lock on the store's folder --------
+
+    def conditional_writes(self) -> bool:
+        return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key, verify=False)
+        return data, sha256_of(data)
+
+    def put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """The version is the sha256 of the bytes. Every conditional writer of this store
+        takes an exclusive flock on its root folder (processes on this machine, or on a file
+        system with working flock), compares, then writes as `put_bytes` does."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current: str | None = self.get_versioned(key)[1]
+            except StoreNotFoundError:
+                current = None
+            if current != version:
+                raise StorePreconditionError(
+                    f"{self._where(key)} changed since it was read (another writer)"
+                )
+            return self.put_bytes(key, data)
+        finally:
+            os.close(fd)  # releases the lock
 
     def delete(self, key: str) -> None:
         path = self._path(key)

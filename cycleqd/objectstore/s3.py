@@ -30,6 +30,7 @@ from cycleqd.objectstore.errors import (
     StoreError,
     StoreIntegrityError,
     StoreNotFoundError,
+    StorePreconditionError,
     StoreRangeError,
     StoreUnreachableError,
 )
@@ -140,6 +141,7 @@ class S3ObjectStore(ObjectStore):
         install_log_redaction()
         self._read_timeout = read_timeout
         self._bucket_checked = False
+        self._conditional: bool | None = None  # conditional PUTs honoured? (probed once)
         self._lock = threading.Lock()
 
     # -- naming and errors -----------------------------------------------------------------------
@@ -207,6 +209,11 @@ class S3ObjectStore(ObjectStore):
                 return self._bucket_missing()
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return StoreNotFoundError(f"no object {where}")
+            # 409: AWS's answer to two conditional writes of one key at once.
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return StorePreconditionError(
+                    f"{where} changed since it was read (another writer got there first)"
+                )
             if code == "InvalidRange" or status == 416:
                 return StoreRangeError(f"cannot {action} {where}: the byte range is beyond its end")
             error = StoreError(
@@ -330,6 +337,50 @@ class S3ObjectStore(ObjectStore):
             return keys
 
         return sorted(self._call("list", prefix or None, run))
+
+    # -- compare-and-swap: S3 conditional writes (If-None-Match / If-Match on the ETag) ---------
+
+    def conditional_writes(self) -> bool:
+        """Whether the service honours conditional PUTs (AWS S3 since 2024, SeaweedFS 4.x and
+        recent MinIO do; others ignore the headers, which would make `put_if` a plain write).
+        Probed once: a second create-if-absent of one probe object must be refused."""
+        if self._conditional is None:
+            probe = f"preflight/conditional-{os.urandom(8).hex()}"
+            try:
+                self.put_if(probe, b"1", None)
+                try:
+                    self.put_if(probe, b"2", None)
+                    self._conditional = False  # the condition was ignored
+                except StorePreconditionError:
+                    self._conditional = True
+            except StoreError as exc:
+                if isinstance(exc, (StoreAuthError, StoreBucketMissingError)) or exc.transient:
+                    raise
+                self._conditional = False  # the headers were refused (501, 400, ...)
+            finally:
+                self.delete(probe)
+        return self._conditional
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data, response = self._read_body("read", key)
+        return data, response["ETag"]
+
+    def put_if(self, key: str, data: bytes, version: str | None) -> str:
+        data = bytes(data)
+        full = self._full(key)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        response = self._call(
+            "write",
+            key,
+            lambda: self._client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=data,
+                Metadata={SHA256_META: sha256_of(data)},
+                **condition,
+            ),
+        )
+        return response["ETag"]
 
     def delete(self, key: str) -> None:
         full = self._full(key)

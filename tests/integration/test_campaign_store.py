@@ -11,7 +11,7 @@ from cycleqd import probe_world
 from cycleqd.campaign import Campaign
 from cycleqd.config import parse_config
 from cycleqd.errors import CycleQDError
-from cycleqd.objectstore import RemoteSafetensors, S3ObjectStore
+from cycleqd.objectstore import LocalObjectStore, RemoteSafetensors, S3ObjectStore
 from cycleqd.state import CampaignLockedError, CampaignStore
 
 
@@ -136,20 +136,27 @@ def test_lease_of_a_killed_local_driver_is_taken_over_at_once(tmp_path, monkeypa
 
 
 def test_a_runs_later_tasks_renew_its_lease_without_waiting_out_a_race(tmp_path, monkeypatch):
+    """The lease of stores without conditional writes (written, then read back)."""
     from cycleqd import state
+
+    class WithoutConditionalWrites(LocalObjectStore):
+        def conditional_writes(self) -> bool:
+            return False
+
+    store = WithoutConditionalWrites(tmp_path)
 
     waits: list[float] = []
     monkeypatch.setattr(state.time, "sleep", waits.append)
-    first = CampaignStore(tmp_path, owner="run-1")
+    first = CampaignStore(store, owner="run-1")
     first.acquire(settle=0.2)
     assert waits == [0.2]  # won against whoever might be racing for it
-    later_task = CampaignStore(tmp_path, owner="run-1")
+    later_task = CampaignStore(store, owner="run-1")
     later_task.acquire(ttl=3600, settle=0.2)
     assert waits == [0.2] and later_task.read_lease().owner == "run-1"
     # A lease about to expire may be read as gone by a rival: back to the careful path.
-    CampaignStore(tmp_path, owner="run-1").acquire(ttl=state.RENEW_MARGIN_S / 2)
+    CampaignStore(store, owner="run-1").acquire(ttl=state.RENEW_MARGIN_S / 2)
     assert waits == [0.2]
-    CampaignStore(tmp_path, owner="run-1").acquire(settle=0.2)
+    CampaignStore(store, owner="run-1").acquire(settle=0.2)
     assert waits == [0.2, 0.2]
     with pytest.raises(CampaignLockedError):
-        CampaignStore(tmp_path, owner="run-2").acquire(settle=0.2)
+        CampaignStore(store, owner="run-2").acquire(settle=0.2)
