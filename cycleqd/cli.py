@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
             campaign_uri=store.uri,
             registry_name=f"{config.name}-final",
             local_dir=None if args.tracking_uri else workdir,
+            source="cycleqd run",
         )
     with Campaign(config, store, evaluator, tracker) as campaign:
         code = _run_campaign(campaign, config, store, workdir)

@@ -26,7 +26,7 @@ from cycleqd.model_sources import check_models
 from cycleqd.protocols import Evaluator, Tracker
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
-from cycleqd.tracking import MLflowTracker, NullTracker
+from cycleqd.tracking import MLflowTracker, NullTracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ def load_config_text(config_yaml: str) -> CampaignConfig:
     return parse_config(data, source="campaign config")
 
 
-def _tracker(tracking_uri: str, config: CampaignConfig, store: CampaignStore) -> Tracker:
+def _tracker(
+    tracking_uri: str, config: CampaignConfig, store: CampaignStore, owner: str | None
+) -> Tracker:
+    tracking_uri = resolve_tracking_uri(tracking_uri)
     if not tracking_uri:
         return NullTracker()
     return MLflowTracker(
@@ -47,6 +50,8 @@ def _tracker(tracking_uri: str, config: CampaignConfig, store: CampaignStore) ->
         experiment=config.name,
         campaign_uri=store.uri,
         registry_name=f"{config.name}-final",
+        source="cycleqd pipeline",
+        kfp_run_id=owner or None,  # a pipeline's tasks hold the lease as their run
     )
 
 
@@ -64,7 +69,7 @@ def open_campaign(
     lazily, from the config."""
     config = load_config_text(config_yaml)
     store = CampaignStore(store_uri, owner=owner or None)
-    tracker = _tracker(tracking_uri, config, store) if writer else NullTracker()
+    tracker = _tracker(tracking_uri, config, store, owner) if writer else NullTracker()
     if evaluator is None:
         evaluator = build_evaluator(config)
     campaign = Campaign(config, store, evaluator, tracker, writer=writer)
@@ -96,6 +101,7 @@ def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: s
     lease = store.read_lease()
     if lease is not None and lease.owner != owner and lease.is_live():
         raise CampaignLockedError(store.locked_message(lease))
+    tracking_uri = resolve_tracking_uri(tracking_uri)
     if tracking_uri:
         _check_mlflow(tracking_uri)
     latest = store.latest_generation()
@@ -125,7 +131,8 @@ def _check_mlflow(tracking_uri: str) -> None:
 def train_expert(config_yaml: str, store_uri: str, skill: str, tracking_uri: str = "") -> dict:
     """The experts stage for one skill: fine-tune its expert from the base and publish it in
     the campaign store (once; a rerun resumes from its checkpoints or reuses it)."""
-    return experts.train_expert(load_config_text(config_yaml), store_uri, skill, tracking_uri)
+    config = load_config_text(config_yaml)
+    return experts.train_expert(config, store_uri, skill, resolve_tracking_uri(tracking_uri))
 
 
 def seed(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> int:

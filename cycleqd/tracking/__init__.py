@@ -20,6 +20,8 @@ from cycleqd.tracking.common import (
     http_settings,
     mlflow_dataset,
     now_ms,
+    resolve_tracking_uri,
+    system_tags,
 )
 from cycleqd.tracking.mlflow_tracker import Attach, MLflowTracker
 from cycleqd.tracking.null import NullTracker
@@ -42,4 +44,6 @@ __all__ = [
     "http_settings",
     "mlflow_dataset",
     "now_ms",
+    "resolve_tracking_uri",
+    "system_tags",
 ]

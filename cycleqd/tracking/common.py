@@ -23,6 +23,46 @@ MAX_PARAM = 6000  # MLflow's limit on a param value
 MAX_TAG = 8000  # and on a tag value
 
 
+# What MLflow 3's UI reads: the experiment's kind (its runs view, not the GenAI view) and the
+# run columns User and Source.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+CHAMPION_ALIAS = "champion"  # the registered final model's latest version
+# Where a Kubeflow run is shown: `<KFP UI>/#/runs/details/<run id>`, e.g.
+# https://kubeflow.example.com/pipeline (set in the pods by the pipeline's compile options).
+KFP_UI_ENV = "CYCLEQD_KFP_UI"
+IMAGE_ENV = "CYCLEQD_IMAGE"  # the container image a task runs in (set by the pipeline)
+COMMIT_ENV = "CYCLEQD_GIT_COMMIT"  # the source commit the image was built from
+
+
+def resolve_tracking_uri(given: str | None) -> str:
+    """The MLflow tracking URI of a pipeline task: the run's parameter, else
+    $MLFLOW_TRACKING_URI (injected by KFP's MLflow plugin, or from the `cycleqd-mlflow-client`
+    ConfigMap); empty: no tracking."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def system_tags(source: str, kfp_run_id: str | None = None) -> dict[str, str]:
+    """MLflow's system tags for a run, and the Kubeflow run (and its UI page) it belongs to."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = str(os.getuid())
+    tags = {"mlflow.user": user, "mlflow.source.type": "JOB", "mlflow.source.name": source}
+    if os.environ.get(COMMIT_ENV):
+        tags["mlflow.source.git.commit"] = os.environ[COMMIT_ENV]
+    if os.environ.get(IMAGE_ENV):
+        tags[f"{T}image"] = os.environ[IMAGE_ENV]
+    if kfp_run_id:
+        tags[f"{T}kfp_run_id"] = kfp_run_id
+        ui = os.environ.get(KFP_UI_ENV, "").rstrip("/")
+        if ui:
+            tags[f"{T}kfp_run_url"] = f"{ui}/#/runs/details/{kfp_run_id}"
+    return tags
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

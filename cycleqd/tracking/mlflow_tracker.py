@@ -68,9 +68,12 @@ from urllib.parse import unquote, urlparse
 from cycleqd.protocols import ChildResult, DatasetRef
 from cycleqd.redact import install_log_redaction, redact_uri
 from cycleqd.tracking.common import (
+    CHAMPION_ALIAS,
+    EXPERIMENT_KIND_TAG,
     EXTERNAL_TAG,
     MAX_PARAM,
     MAX_TAG,
+    MODEL_DEVELOPMENT,
     T,
     clip,
     flatten,
@@ -78,6 +81,7 @@ from cycleqd.tracking.common import (
     http_settings,
     mlflow_dataset,
     now_ms,
+    system_tags,
 )
 from cycleqd.tracking.queue import Missed, Rejected, RetryQueue, Step, error_kind
 
@@ -153,6 +157,8 @@ class MLflowTracker:
         retry_interval: float = 5.0,
         request_timeout: float = 10.0,
         elite_maps: int = 1,
+        source: str = "cycleqd",
+        kfp_run_id: str | None = None,
     ):
         if attach not in ("campaign", "generation"):
             raise ValueError(f"attach must be 'campaign' or 'generation', got {attach!r}")
@@ -172,6 +178,7 @@ class MLflowTracker:
         self.attach = attach
         self.request_timeout = request_timeout
         self.elite_maps_every = elite_maps
+        self._system_tags = system_tags(source, kfp_run_id)
         self.host_run_id = os.environ.get("MLFLOW_RUN_ID") or None
         install_log_redaction()  # our log lines quote MLflow's errors, which name the URL
 
@@ -383,7 +390,11 @@ class MLflowTracker:
         return self._client_obj
 
     def _common_tags(self) -> dict[str, str]:
-        tags = {f"{T}campaign_id": self.campaign_id, f"{T}campaign_uri": self.campaign_uri}
+        tags = {
+            **self._system_tags,
+            f"{T}campaign_id": self.campaign_id,
+            f"{T}campaign_uri": self.campaign_uri,
+        }
         if self.campaign_name:
             tags[f"{T}campaign"] = self.campaign_name
         if self.campaign_run_id:
@@ -602,7 +613,9 @@ class MLflowTracker:
         if experiment is None:
             try:
                 experiment_id = client.create_experiment(
-                    name, artifact_location=self._artifact_location
+                    name,
+                    artifact_location=self._artifact_location,
+                    tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
                 )
             except Exception as exc:  # created meanwhile by someone else
                 experiment = client.get_experiment_by_name(name)
@@ -613,6 +626,8 @@ class MLflowTracker:
             experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment_id)
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by KFP or by hand
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         self.experiment_id = experiment_id
         ids = [experiment_id]
         if self._host is not None and self._host.info.experiment_id not in ids:
@@ -986,10 +1001,16 @@ class MLflowTracker:
             if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
         versions = client.search_model_versions(f"name = {_quote(name)}")
-        if any(v.source == source for v in versions):
-            return
+        registered = next((v for v in versions if v.source == source), None)
+        if registered is None:
+            registered = self._create_version(gid, name, source, uri, sha256)
+        # The latest final model is the one to serve: `models:/<name>@champion`.
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)
+
+    def _create_version(self, gid: str, name: str, source: str, uri: str, sha256: str):
+        model_id = self._models[gid]
         with self._registry_scope():
-            client.create_model_version(
+            return self.client.create_model_version(
                 name,
                 source=source,
                 run_id=self._genome_runs.get(gid),

@@ -657,3 +657,46 @@ def test_null_tracker_is_silent(tiny_world, probe_evaluator, tmp_path):
     tracker.close()
     campaign.close()
     assert tracker.missed() == []
+
+
+def test_the_ui_opens_model_development_with_a_champion_and_the_kfp_run(
+    tiny_world, probe_evaluator, tmp_path, monkeypatch
+):
+    """What MLflow 3's UI reads: the experiment's kind (its runs view, not the GenAI view),
+    the User and Source columns, the Kubeflow run with its UI link, and the registered final
+    model's `champion` alias on its latest version."""
+    monkeypatch.setenv("CYCLEQD_KFP_UI", "https://kubeflow.example.com/pipeline/")
+    monkeypatch.setenv("CYCLEQD_IMAGE", "ghcr.io/cycleqd/cpu-tools:1.0")
+    campaign = _campaign(tiny_world, probe_evaluator, tmp_path / "run" / "campaign", generations=1)
+    tracker = MLflowTracker(
+        None, None, campaign.store.uri, registry_name="ui-final", kfp_run_id="run-42"
+    )
+    final = _drive(campaign, tracker)
+    tracker.close()
+    campaign.close()
+    assert tracker.missed() == []
+    client = _client(tracker.tracking_uri)
+    experiment = client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    top = client.get_run(tracker.campaign_run_id)
+    assert top.data.tags["mlflow.source.type"] == "JOB"
+    assert top.data.tags["mlflow.user"]
+    assert top.data.tags["cycleqd.kfp_run_id"] == "run-42"
+    assert top.data.tags["cycleqd.kfp_run_url"] == (
+        "https://kubeflow.example.com/pipeline/#/runs/details/run-42"
+    )
+    assert top.data.tags["cycleqd.image"] == "ghcr.io/cycleqd/cpu-tools:1.0"
+    champion = client.get_model_version_by_alias("ui-final", "champion")
+    assert champion.tags["cycleqd.genome_id"] == final[0]
+
+
+def test_pipeline_tasks_track_where_mlflow_tracking_uri_points(tmp_path, monkeypatch):
+    """An empty tracking parameter falls back to $MLFLOW_TRACKING_URI (KFP's MLflow plugin
+    injects it; the cycleqd-mlflow-client ConfigMap provides it), as MLflow users expect."""
+    from cycleqd.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("") == ""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri("") == "http://mlflow:5000"
+    assert resolve_tracking_uri("http://other:5000") == "http://other:5000"
