@@ -27,6 +27,7 @@ from cycleqd.tracking import (
     MAX_TAG,
     T,
     clip,
+    ensure_experiment,
     flatten,
     http_settings,
     mlflow_dataset,
@@ -87,19 +88,7 @@ class FinetuneTracker:
 
     def _start(self, params, tags, datasets) -> None:
         client = self.client
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
-            try:
-                self.experiment_id = client.create_experiment(self.experiment_name)
-            except Exception:
-                experiment = client.get_experiment_by_name(self.experiment_name)
-                if experiment is None:
-                    raise
-                self.experiment_id = experiment.experiment_id
-        else:
-            self.experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(self.experiment_id)
+        self.experiment_id = ensure_experiment(client, self.experiment_name)
         found = client.search_runs(
             [self.experiment_id],
             f"tags.`{T}key` = '{self.key}'",

@@ -42,6 +42,28 @@ def resolve_tracking_uri(given: str | None) -> str:
     return given or os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`: created (or restored) where needed, marked as model
+    development so that MLflow's UI opens its runs view."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
+            )
+        except Exception:  # created meanwhile by someone else
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by KFP or by hand
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+    return experiment.experiment_id
+
+
 def system_tags(source: str, kfp_run_id: str | None = None) -> dict[str, str]:
     """MLflow's system tags for a run, and the Kubeflow run (and its UI page) it belongs to."""
     import getpass

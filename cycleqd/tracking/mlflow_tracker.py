@@ -69,13 +69,12 @@ from cycleqd.protocols import ChildResult, DatasetRef
 from cycleqd.redact import install_log_redaction, redact_uri
 from cycleqd.tracking.common import (
     CHAMPION_ALIAS,
-    EXPERIMENT_KIND_TAG,
     EXTERNAL_TAG,
     MAX_PARAM,
     MAX_TAG,
-    MODEL_DEVELOPMENT,
     T,
     clip,
+    ensure_experiment,
     flatten,
     genome_params,
     http_settings,
@@ -609,25 +608,7 @@ class MLflowTracker:
                         redact_uri(self.tracking_uri),
                     )
         name = self.experiment_name or self.campaign_name or "cycleqd"
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                experiment_id = client.create_experiment(
-                    name,
-                    artifact_location=self._artifact_location,
-                    tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT},
-                )
-            except Exception as exc:  # created meanwhile by someone else
-                experiment = client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise exc from None
-                experiment_id = experiment.experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment_id)
-            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by KFP or by hand
-                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+        experiment_id = ensure_experiment(client, name, self._artifact_location)
         self.experiment_id = experiment_id
         ids = [experiment_id]
         if self._host is not None and self._host.info.experiment_id not in ids:
