@@ -209,12 +209,6 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace):
-    import kfp
-
-    return kfp.Client(host=args.host, namespace=args.namespace)
-
-
 def _arguments(args: argparse.Namespace) -> dict[str, str]:
     from cycleqd.config import load_config
 
@@ -226,48 +220,62 @@ def _arguments(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def _package(args: argparse.Namespace, folder: Path) -> str:
+def _pipeline_version(args: argparse.Namespace):
+    """Connect, and the version of the pipeline compiled with these options (uploaded once)."""
+    import tempfile
+
+    from cycleqd_kfp.pipelines import kfp_client
     from cycleqd_kfp.pipelines.cycleqd_pipeline import compile_pipeline
 
-    return str(compile_pipeline(folder / "cycleqd_pipeline.yaml", _options(args)))
+    with tempfile.TemporaryDirectory() as tmp, kfp_client.reported(args.host):
+        client = kfp_client.connect(args.host, args.namespace, args.token)
+        package = compile_pipeline(Path(tmp) / "cycleqd_pipeline.yaml", _options(args))
+        version = kfp_client.pipeline_version(client, package, args.namespace)
+    state = "uploaded" if version.uploaded else "already there"
+    print(f"pipeline version {version.name} ({state})")
+    return client, version
 
 
 def _submit(args: argparse.Namespace) -> int:
-    import tempfile
+    from cycleqd_kfp.pipelines import kfp_client
 
     arguments = _arguments(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = _client(args).create_run_from_pipeline_package(
-            _package(args, Path(tmp)),
-            arguments=arguments,
-            experiment_name=args.experiment,
+    client, version = _pipeline_version(args)
+    with kfp_client.reported(args.host):
+        run_id = kfp_client.submit(
+            client,
+            version,
+            arguments,
+            experiment=args.experiment,
             run_name=args.run_name,
             service_account=args.service_account,
+            namespace=args.namespace,
         )
-    print(f"submitted run {run.run_id}")
+    print(f"submitted run {run_id}")
     return 0
 
 
 def _schedule(args: argparse.Namespace) -> int:
     """A recurring run: each firing continues the campaign; max concurrency 1, no catch-up,
     so a firing never overlaps the previous run (the campaign's lease refuses it anyway)."""
-    import tempfile
+    from cycleqd_kfp.pipelines import kfp_client
 
+    kfp_client.check_cron(args.cron)  # before anything is uploaded
     arguments = _arguments(args)
-    client = _client(args)
-    experiment = client.create_experiment(args.experiment, namespace=args.namespace)
-    with tempfile.TemporaryDirectory() as tmp:
-        job = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=args.run_name,
-            cron_expression=args.cron,
-            max_concurrency=1,
-            no_catchup=True,
-            pipeline_package_path=_package(args, Path(tmp)),
+    client, version = _pipeline_version(args)
+    with kfp_client.reported(args.host):
+        job_id, replaced = kfp_client.schedule(
+            client,
+            version,
+            arguments,
+            experiment=args.experiment,
+            name=args.run_name,
+            cron=args.cron,
             service_account=args.service_account,
-            params=arguments,
+            namespace=args.namespace,
         )
-    print(f"scheduled recurring run {job.recurring_run_id} ({args.cron})")
+    note = f", replacing {', '.join(replaced)}" if replaced else ""
+    print(f"scheduled recurring run {job_id} ({args.cron}){note}")
     return 0
 
 
@@ -329,8 +337,20 @@ def _add_commands(sub) -> None:
         ("schedule", _schedule, "create a recurring run"),
     ):
         parser = sub.add_parser(name, help=text)
-        parser.add_argument("--host", required=True, help="KFP API endpoint")
-        parser.add_argument("--namespace", default=None)
+        parser.add_argument(
+            "--host",
+            default=None,
+            help="KFP API endpoint (default: the kfp client's in-cluster address, with the "
+            "pod's service-account token)",
+        )
+        parser.add_argument(
+            "--namespace",
+            default=None,
+            help="your profile namespace in a multi-user Kubeflow (default: kubeflow)",
+        )
+        parser.add_argument(
+            "--token", default=None, help="bearer token (default: $KF_PIPELINES_TOKEN)"
+        )
         parser.add_argument("--config", required=True, help="campaign YAML")
         parser.add_argument("--store", required=True, help="campaign store: s3://bucket/prefix")
         parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI")
@@ -344,7 +364,10 @@ def _add_commands(sub) -> None:
         pipeline_options(parser)
         if name == "schedule":
             parser.add_argument(
-                "--cron", default="0 0 * * * *", help="KFP cron (6 fields, with seconds)"
+                "--cron",
+                required=True,
+                help="KFP's six-field cron, seconds first (daily at 02:00: '0 0 2 * * *'); a "
+                "recurring run of the same --run-name is replaced",
             )
         parser.set_defaults(handler=handler)
 
