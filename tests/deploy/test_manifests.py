@@ -344,7 +344,10 @@ def test_pipeline_rbac_is_least_privilege(builds, overlay):
             assert rule.get("resourceNames"), f"name the objects it may read: {rule}"
             assert set(rule["verbs"]) == {"get"}, rule
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert [r["resourceNames"] for r in secret_rules] == [["cycleqd-s3"]]
+    # Ours, and KFP's artifact-store secret (the launcher's default configuration reads it).
+    assert [r["resourceNames"] for r in secret_rules] == [
+        ["cycleqd-s3", "mlpipeline-minio-artifact"]
+    ]
     binding = _by_kind(docs, "RoleBinding")["cycleqd-pipeline"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
