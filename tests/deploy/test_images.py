@@ -190,6 +190,18 @@ def test_cpu_torch_is_the_cpu_environment_pin(images_mod):
     assert images_mod.build_args("cpu-tools")["TORCH_VERSION"] == pins["torch"].strip()
 
 
+def test_the_images_install_the_kfp_that_compiled_the_pipeline(images_mod):
+    """The components' code runs under the KFP SDK that compiled the committed YAML (the
+    executor's argument handling changes between releases), not a range."""
+    import kfp
+
+    compiled = (ROOT / "pipelines" / "cycleqd_pipeline.yaml").read_text()
+    (sdk,) = set(re.findall(r"^sdkVersion: kfp-(\S+)$", compiled, re.M))
+    assert sdk == kfp.__version__, "recompile the pipeline with the installed kfp"
+    for name in ("cpu-tools", "trainer", "evaluator"):
+        assert images_mod.build_args(name)["KFP_VERSION"] == sdk, name
+
+
 def test_gpu_images_share_vllm_torch(images_mod):
     evaluator, trainer = images_mod.build_args("evaluator"), images_mod.build_args("trainer")
     assert evaluator["BASE_IMAGE"].split("@")[0].endswith(f":v{evaluator['VLLM_VERSION']}")
