@@ -35,11 +35,21 @@ IMAGE_ENV = "CYCLEQD_IMAGE"  # the container image a task runs in (set by the pi
 COMMIT_ENV = "CYCLEQD_GIT_COMMIT"  # the source commit the image was built from
 
 
+# The `cycleqd-mlflow-client` ConfigMap's tracking URI, as the pipeline maps it into the pods
+# (under its own name: KFP's MLflow plugin may inject MLFLOW_TRACKING_URI beside it).
+CLIENT_CONFIG_URI_ENV = "CYCLEQD_MLFLOW_TRACKING_URI"
+
+
 def resolve_tracking_uri(given: str | None) -> str:
     """The MLflow tracking URI of a pipeline task: the run's parameter, else
-    $MLFLOW_TRACKING_URI (injected by KFP's MLflow plugin, or from the `cycleqd-mlflow-client`
-    ConfigMap); empty: no tracking."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI", "")
+    $MLFLOW_TRACKING_URI (injected by KFP's MLflow plugin), else the `cycleqd-mlflow-client`
+    ConfigMap's; empty: no tracking. Credentials never travel this way: MLflow reads
+    MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment (a Secret in the pods)."""
+    return (
+        given
+        or os.environ.get("MLFLOW_TRACKING_URI", "")
+        or os.environ.get(CLIENT_CONFIG_URI_ENV, "")
+    )
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:

@@ -696,7 +696,10 @@ def test_pipeline_tasks_track_where_mlflow_tracking_uri_points(tmp_path, monkeyp
     from cycleqd.tracking import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CYCLEQD_MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri("") == ""
+    monkeypatch.setenv("CYCLEQD_MLFLOW_TRACKING_URI", "http://cycleqd-mlflow:5000")  # ConfigMap
+    assert resolve_tracking_uri("") == "http://cycleqd-mlflow:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri("") == "http://mlflow:5000"
     assert resolve_tracking_uri("http://other:5000") == "http://other:5000"
