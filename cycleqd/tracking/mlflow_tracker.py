@@ -723,8 +723,12 @@ class MLflowTracker:
         }
         if genome.skill:
             tags[f"{T}skill"] = genome.skill
+        trained = self._finetuned_model(gid) if kind == "expert" else None
         if kind == "expert":
             tags.update(self._base_tags())
+        if trained is not None:  # the expert stage's run that made it
+            tags[f"{T}finetune_model_id"] = trained.model_id
+            tags[f"{T}finetune_run_id"] = trained.source_run_id or ""
         run_id = self._ensure_run(f"source/{gid}", name, tags, self.campaign_run_id)
         self._genome_runs[gid] = run_id
         params = {"genome_id": gid, "genome_kind": kind, "source": genome.source or ""}
@@ -732,8 +736,19 @@ class MLflowTracker:
             params["skill"] = genome.skill
         model_id = self._ensure_model(gid, name, run_id, tags, params, f"cycleqd-{kind}")
         self._log_batch(run_id, params=params, tags={f"{T}model_id": model_id})
-        self._link_models(run_id, model_id, 0, [])
+        self._link_models(run_id, model_id, 0, [trained.model_id] if trained else [])
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _finetuned_model(self, gid: str):
+        """The LoggedModel that the experts stage's fine-tuning run logged for this expert
+        (same experiment, same genome id), so that lineage goes on to its training run."""
+        models = self.client.search_logged_models(
+            experiment_ids=self._experiment_ids,
+            filter_string=f"tags.`{T}genome_id` = {_quote(gid)} AND tags.`{T}kind` = 'expert'",
+            max_results=20,
+        )
+        trained = [m for m in models if f"{T}campaign_id" not in m.tags]  # not our own
+        return trained[0] if trained else None
 
     def _end_campaign(self, status: str) -> None:
         if self.campaign_run_id and self._campaign_owned:

@@ -247,3 +247,39 @@ def test_the_small_real_world_trains_a_lora_expert_on_a_derived_training_part(
     world = prepare_config(args)
     assert world.models.base == str(smollm2) and world.generations == 1
     assert list(world.models.trained()) == ["coding", "db", "os"]
+
+
+@pytest.mark.slow
+def test_lineage_goes_from_the_campaigns_experts_to_their_fine_tuning_runs(
+    mini_skill_world, tmp_path
+):
+    """In MLflow, a seeded expert's run takes the LoggedModel its fine-tuning run logged as
+    input, and names that run: the lineage from the final model reaches the training."""
+    from mlflow import MlflowClient
+
+    from cycleqd import steps
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = yaml.safe_dump(_config(mini_skill_world))
+    store = str(tmp_path / "campaign")
+    steps.preflight(text, store, tracking)
+    records = {s: steps.train_expert(text, store, s, tracking) for s in FAMILIES}
+    steps.seed(text, store, tracking)
+    client = MlflowClient(tracking)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "mini"]
+    for skill, record in records.items():
+        (trained,) = [
+            m
+            for m in client.search_logged_models([experiment.experiment_id])
+            if m.tags.get("cycleqd.genome_id") == record["genome_id"]
+            and "cycleqd.campaign_id" not in m.tags  # the fine-tuning run's, not the campaign's
+        ]
+        (source,) = client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`cycleqd.role` = 'source' AND tags.`cycleqd.skill` = '{skill}'",
+        )
+        assert source.data.tags["cycleqd.finetune_model_id"] == trained.model_id
+        assert source.data.tags["cycleqd.finetune_run_id"] == trained.source_run_id
+        assert client.get_run(trained.source_run_id).data.tags["cycleqd.role"] == "finetune"
+        inputs = {i.model_id for i in client.get_run(source.info.run_id).inputs.model_inputs}
+        assert trained.model_id in inputs
