@@ -124,8 +124,8 @@ class EvaluationServer:
         self.timings: Counter[str] = Counter()
 
     def _evaluator_for(self, config_yaml: str):
+        from cycleqd.config import load_config_text
         from cycleqd.evaluators import build_evaluator
-        from cycleqd.steps import load_config_text
 
         config = load_config_text(config_yaml)
         # A later run may raise `generations`; nothing else may change under a warm model.
