@@ -259,6 +259,16 @@ def export(
     return summary
 
 
+def final_model_card(export_summary: dict) -> dict:
+    """What identifies an exported final model (`export`'s summary): where it is in the
+    campaign store, its genome id, the sha256 of its weights, its score per skill, the final
+    method and the generation it was built from."""
+    return {
+        key: export_summary[key]
+        for key in ("uri", "genome_id", "sha256", "scores", "method", "generation")
+    }
+
+
 def release(store_uri: str, owner: str) -> None:
     """Give back a run's lease (the pipeline's exit handler), whatever happened before."""
     CampaignStore(store_uri, owner=owner).release(shared=True)
