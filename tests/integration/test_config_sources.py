@@ -11,7 +11,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
@@ -56,14 +55,7 @@ def s3_env(seaweed, monkeypatch):
 
 def _upload_by_hand(seaweed, key: str, body: bytes) -> str:
     """As `aws s3 cp` would: no sha256 metadata of ours."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=seaweed.endpoint,
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-        region_name="us-east-1",
-    )
-    client.put_object(Bucket=seaweed.bucket, Key=key, Body=body)
+    seaweed.client().put_object(Bucket=seaweed.bucket, Key=key, Body=body)
     return f"s3://{seaweed.bucket}/{key}"
 
 
