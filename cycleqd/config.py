@@ -489,7 +489,7 @@ def config_location(text: str) -> str | None:
     try:
         value = yaml.safe_load(line)
     except yaml.YAMLError:
-        return None  # a document that lost its line breaks: `parse_config_text` says so
+        return None  # a document that lost its line breaks: `config_document` says so
     return line if isinstance(value, str) else None
 
 
@@ -509,9 +509,11 @@ def resolve_config_text(text: str) -> str:
         raise ConfigError(
             f"campaign config {shown!r}: unsupported scheme {scheme_name!r}; give {CONFIG_FORMS}"
         )
+    in_the_pod = "; a path is read where the task runs (a volume mounted in the pod)"
     hint = {
         "s3": "; the pipeline reads it with the campaign store's credentials and endpoint",
-        "": "; a path is read where the task runs (a volume mounted in the pod)",
+        "file": in_the_pod,
+        "": in_the_pod,
     }.get(scheme_name, "")
     try:
         data = _fetch_config(location, scheme_name)
@@ -573,14 +575,17 @@ def config_document(text: str, source: str = "campaign config") -> Any:
     """The document of a campaign config's text: YAML, or JSON (one line, as the Kubeflow
     UI's parameter field keeps it)."""
     stripped = text.strip()
+    json_error = None
     if stripped.startswith("{"):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+            json_error = exc  # or a YAML flow mapping ({name: x, seed: 0}): YAML decides
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        if json_error is not None:
+            raise ConfigError(f"{source} is not valid JSON: {json_error}") from None
         one_line = (
             "; it is one line: the Kubeflow UI's parameter field drops a YAML document's "
             "line breaks, so give it as one-line JSON or as a URI (s3://, https://, a path)"

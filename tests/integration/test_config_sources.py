@@ -80,10 +80,12 @@ def test_yaml_one_line_json_and_a_path_are_one_config(config, tmp_path):
     as_yaml = yaml.safe_dump(config)
     as_json = json.dumps(config)
     assert "\n" not in as_json
+    as_flow_yaml = yaml.safe_dump(config, default_flow_style=True, width=1 << 20).strip()
+    assert "\n" not in as_flow_yaml and as_flow_yaml.startswith("{")
     path = tmp_path / "campaign.yaml"
     path.write_text(as_yaml)
     expected = load_config_text(as_yaml)
-    for text in (as_json, str(path), path.as_uri()):
+    for text in (as_json, as_flow_yaml, str(path), path.as_uri()):
         assert load_config_text(text) == expected
     assert resolve_config_text(str(path)) == as_yaml  # the file's own text, as it is
 
