@@ -6,8 +6,11 @@ user who mistyped a YAML key knows what to fix without reading the source.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import (
@@ -25,6 +28,7 @@ from cycleqd.errors import ConfigError
 from cycleqd.final_methods import FINAL_METHODS
 from cycleqd.finetune_settings import TrainingSettings
 from cycleqd.mutations import MUTATIONS
+from cycleqd.redact import redact_text, redact_uri
 from cycleqd.sampling import SAMPLING
 from cycleqd.skills.registry import (
     REGISTRY,
@@ -461,3 +465,148 @@ def parse_stored_config(data: Any, source: str) -> CampaignConfig:
 
 def load_config(path: str | Path) -> CampaignConfig:
     return parse_config(read_yaml(path), source=str(path))
+
+
+# A campaign config given as one parameter (the Kubeflow UI's field is one line): the
+# document itself, or where to read it.
+CONFIG_URI_SCHEMES = ("s3", "http", "https", "file")
+CONFIG_FORMS = "a YAML document, one-line JSON or a URI (s3://, https://, a file path)"
+# A config is a few KiB; more names the wrong file (a model, a data set).
+MAX_CONFIG_BYTES = 1 << 20
+CONFIG_FETCH_TIMEOUT_S = 30.0
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def config_location(text: str) -> str | None:
+    """The URI or path that `text` names, or None where it is the document itself: a
+    one-line text with a scheme (`s3://...`), or a bare YAML string (a path); a mapping, JSON
+    or several lines are a document."""
+    line = text.strip()
+    if not line or "\n" in line or line.startswith(("{", "[")):
+        return None
+    if _SCHEME.match(line):
+        return line
+    try:
+        value = yaml.safe_load(line)
+    except yaml.YAMLError:
+        return None  # a document that lost its line breaks: `config_document` says so
+    return line if isinstance(value, str) else None
+
+
+def resolve_config_text(text: str) -> str:
+    """The campaign config document that a parameter gives: `text` itself (a YAML document,
+    or JSON on one line), or the contents of the file it names: `s3://bucket/key` (read with
+    the campaign store's endpoint and credentials), `http(s)://...`, `file:///path` or a
+    path. What the campaign pins is the parsed config, so a URI and the same config inline
+    are one campaign."""
+    location = config_location(text)
+    if location is None:
+        return text
+    shown = redact_uri(location)
+    scheme = _SCHEME.match(location)
+    scheme_name = scheme.group(1).lower() if scheme else ""
+    if scheme and scheme_name not in CONFIG_URI_SCHEMES:
+        raise ConfigError(
+            f"campaign config {shown!r}: unsupported scheme {scheme_name!r}; give {CONFIG_FORMS}"
+        )
+    in_the_pod = "; a path is read where the task runs (a volume mounted in the pod)"
+    hint = {
+        "s3": "; the pipeline reads it with the campaign store's credentials and endpoint",
+        "file": in_the_pod,
+        "": in_the_pod,
+    }.get(scheme_name, "")
+    try:
+        data = _fetch_config(location, scheme_name)
+    except ConfigError:
+        raise
+    except Exception as exc:  # any failure to read: the user's URI, credentials or network
+        raise ConfigError(
+            f"cannot fetch campaign config from {shown}: {_reason(exc)}{hint}"
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"campaign config {shown} is over {MAX_CONFIG_BYTES} bytes: is it a config file?"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"campaign config {shown} is not UTF-8 text (byte {exc.start}): is it a config file?"
+        ) from None
+
+
+def _fetch_config(location: str, scheme: str) -> bytes:
+    if scheme == "s3":
+        from cycleqd.objectstore import open_store
+
+        parsed = urlparse(location)
+        parent, _, key = unquote(parsed.path).strip("/").rpartition("/")
+        if not parsed.netloc or not key:
+            raise ConfigError(
+                f"campaign config {redact_uri(location)!r} names no file: use s3://bucket/key"
+            )
+        # verify=False: a config uploaded by hand (aws s3 cp) carries no sha256 of ours.
+        store = open_store(f"s3://{parsed.netloc}/{parent}")
+        return store.get_bytes(key, verify=False)
+    if scheme in ("http", "https"):
+        from urllib.request import urlopen
+
+        with urlopen(location, timeout=CONFIG_FETCH_TIMEOUT_S) as response:
+            return response.read(MAX_CONFIG_BYTES + 1)
+    path = Path(unquote(urlparse(location).path) if scheme == "file" else location)
+    with path.expanduser().open("rb") as f:
+        return f.read(MAX_CONFIG_BYTES + 1)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a fetch failed, in words: the OS's, the HTTP status, or the store's message."""
+    from urllib.error import HTTPError, URLError
+
+    if isinstance(exc, HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, URLError):
+        exc = exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason))
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return redact_text(str(exc)) or type(exc).__name__
+
+
+def config_document(text: str, source: str = "campaign config") -> Any:
+    """The document of a campaign config's text: YAML, or JSON (one line, as the Kubeflow
+    UI's parameter field keeps it)."""
+    stripped = text.strip()
+    json_error = None
+    if stripped.startswith("{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            json_error = exc  # or a YAML flow mapping ({name: x, seed: 0}): YAML decides
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        if json_error is not None:
+            raise ConfigError(f"{source} is not valid JSON: {json_error}") from None
+        one_line = (
+            "; it is one line: the Kubeflow UI's parameter field drops a YAML document's "
+            "line breaks, so give it as one-line JSON or as a URI (s3://, https://, a path)"
+            if "\n" not in stripped
+            else ""
+        )
+        raise ConfigError(f"{source} is not valid YAML: {exc}{one_line}") from None
+
+
+def load_config_text(text: str, generations: int = 0) -> CampaignConfig:
+    """The campaign config that a parameter gives (`resolve_config_text`: the document, or a
+    URI or path of it), with `generations` to reach where not 0 (the one field that may
+    change between runs of a campaign)."""
+    if generations < 0:
+        raise ConfigError(
+            "generations to reach must be 0 (the config's `generations`) or more, got "
+            f"{generations}"
+        )
+    location = config_location(text)
+    source = f"campaign config {redact_uri(location)}" if location else "campaign config"
+    data = config_document(resolve_config_text(text), source)
+    if generations and isinstance(data, dict):
+        data = {**data, "generations": generations}
+    return parse_config(data, source)

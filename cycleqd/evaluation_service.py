@@ -74,6 +74,23 @@ def evaluate_children(config_yaml: str, store_uri: str, genome_ids: list[str]) -
     return records
 
 
+def evaluation_metrics(records: list[dict]) -> dict[str, float]:
+    """A group of children's evaluation records as metrics under names no genome id enters,
+    so that the Kubeflow UI compares them across runs: per skill the best child's score and
+    the mean over the children scored, and how many were scored and rejected (weights not
+    finite: no scores, no archive)."""
+    scored = [r["scores"] for r in records if r["scores"] is not None]
+    metrics = {
+        "children_scored": float(len(scored)),
+        "children_rejected": float(len(records) - len(scored)),
+    }
+    for skill in sorted({skill for scores in scored for skill in scores}):
+        values = [scores[skill] for scores in scored if skill in scores]
+        metrics[f"{skill}_best_child"] = max(values)
+        metrics[f"{skill}_mean"] = sum(values) / len(values)
+    return metrics
+
+
 def evaluate_remote(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict] | None:
     """The children's evaluation records from the run's evaluation server, or None where
     there is none to ask (the caller then evaluates them itself)."""
@@ -124,8 +141,8 @@ class EvaluationServer:
         self.timings: Counter[str] = Counter()
 
     def _evaluator_for(self, config_yaml: str):
+        from cycleqd.config import load_config_text
         from cycleqd.evaluators import build_evaluator
-        from cycleqd.steps import load_config_text
 
         config = load_config_text(config_yaml)
         # A later run may raise `generations`; nothing else may change under a warm model.

@@ -1,7 +1,10 @@
 """The campaign's stages as functions of plain strings: what each Kubeflow component calls.
 
 Every stage opens the campaign from its store URI, does one idempotent piece of work and
-returns a small JSON-able value (ids, scores, URIs; never weights). A retried task redoes
+returns a small JSON-able value (ids, scores, URIs; never weights). `config_yaml` is what the
+pipeline's `campaign_config` parameter gives: the document (YAML, or one-line JSON) or its URI
+or path (`cycleqd.config.resolve_config_text`); the writing stages take `generations` to
+reach, 0 for the config's. A retried task redoes
 nothing that was committed; a new run resumes from the last complete generation.
 """
 
@@ -14,11 +17,9 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
-import yaml
-
 from cycleqd import experts
 from cycleqd.campaign import Campaign
-from cycleqd.config import CampaignConfig, parse_config
+from cycleqd.config import CampaignConfig, load_config_text
 from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.evaluators import build_evaluator, preflight_evaluation
 from cycleqd.experts import check_expert_specs, experts_to_train
@@ -29,14 +30,6 @@ from cycleqd.state import CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-def load_config_text(config_yaml: str) -> CampaignConfig:
-    try:
-        data = yaml.safe_load(config_yaml)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"campaign config is not valid YAML: {exc}") from None
-    return parse_config(data, source="campaign config")
 
 
 def _tracker(
@@ -64,10 +57,11 @@ def open_campaign(
     tracking_uri: str = "",
     writer: bool = True,
     evaluator: Evaluator | None = None,
+    generations: int = 0,
 ) -> Iterator[Campaign]:
     """`evaluator`: a warm one to use (the evaluation server's); by default one is built,
-    lazily, from the config."""
-    config = load_config_text(config_yaml)
+    lazily, from the config. `generations`: to reach, where not 0 (the config's)."""
+    config = load_config_text(config_yaml, generations)
     store = CampaignStore(store_uri, owner=owner or None)
     tracker = _tracker(tracking_uri, config, store, owner) if writer else NullTracker()
     if evaluator is None:
@@ -85,11 +79,17 @@ def open_campaign(
             log.warning("tracking: MLflow did not receive %s", missed)
 
 
-def preflight(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+def preflight(
+    config_yaml: str,
+    store_uri: str,
+    tracking_uri: str = "",
+    owner: str = "",
+    generations: int = 0,
+) -> dict:
     """Fail fast, with what to fix: config, skills (data, database, sandbox, backend), store
     access, models, lease, MLflow. Nothing is written to the store before the checks that
     need no store have passed."""
-    config = load_config_text(config_yaml)
+    config = load_config_text(config_yaml, generations)
     preflight_evaluation(config)
     # Headers and config.json only (S3: ranged GETs): models that cannot be read stop the run
     # before anything is written to the store; the experts to fine-tune (their data, their
@@ -135,9 +135,17 @@ def train_expert(config_yaml: str, store_uri: str, skill: str, tracking_uri: str
     return experts.train_expert(config, store_uri, skill, resolve_tracking_uri(tracking_uri))
 
 
-def seed(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> int:
+def seed(
+    config_yaml: str,
+    store_uri: str,
+    tracking_uri: str = "",
+    owner: str = "",
+    generations: int = 0,
+) -> int:
     """Generation 0 (the experts in the archives), once; returns the last complete generation."""
-    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+    with open_campaign(
+        config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri, generations=generations
+    ) as c:
         c.seed()
         return c.generation
 
@@ -152,9 +160,10 @@ def shard(genome_ids: list[str], shards: int) -> list[str]:
     return [",".join(group) for group in groups]
 
 
-def breed(config_yaml: str, store_uri: str, owner: str = "") -> list[str]:
-    """The next generation's child genome ids; empty once the campaign reached its target."""
-    with open_campaign(config_yaml, store_uri, owner=owner) as c:
+def breed(config_yaml: str, store_uri: str, owner: str = "", generations: int = 0) -> list[str]:
+    """The next generation's child genome ids; empty once the campaign reached its target
+    (`generations`, where not 0, else the config's)."""
+    with open_campaign(config_yaml, store_uri, owner=owner, generations=generations) as c:
         if c.generation < 0:
             raise CycleQDError(f"{c.store.uri} is not seeded yet; run the seed step first")
         if c.generation >= c.config.generations:
@@ -192,9 +201,17 @@ def evaluate_many(
         return records
 
 
-def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+def commit(
+    config_yaml: str,
+    store_uri: str,
+    tracking_uri: str = "",
+    owner: str = "",
+    generations: int = 0,
+) -> dict:
     """Insert the evaluated children into the archives and commit the generation."""
-    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+    with open_campaign(
+        config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri, generations=generations
+    ) as c:
         generation = c.generation + 1
         pending = c.store.get_json(c.store.pending_key(generation))
         results = c.commit_next() if pending else []
@@ -221,11 +238,19 @@ def commit(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
     return summary
 
 
-def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str = "") -> dict:
+def export(
+    config_yaml: str,
+    store_uri: str,
+    tracking_uri: str = "",
+    owner: str = "",
+    generations: int = 0,
+) -> dict:
     """Build the final model by the config's `final.method` (`merge_best`: the best elite of
     every archive merged with softmax weights; `best_mean`: the elite with the best mean
     score), score it and write it to the store's exports (registered with the tracker)."""
-    with open_campaign(config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri) as c:
+    with open_campaign(
+        config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri, generations=generations
+    ) as c:
         genome_id, scores = c.finalize()
         genome = c.book[genome_id]
         sha = c.export(genome_id, scores, {"genome.json": json.dumps(genome.to_dict())})
@@ -235,9 +260,20 @@ def export(config_yaml: str, store_uri: str, tracking_uri: str = "", owner: str 
             "sha256": sha,
             "scores": scores,
             "generation": c.generation,
+            "method": c.config.final.method,
         }
     summary["tracking_missed"] = [str(m) for m in c.tracker.missed()]
     return summary
+
+
+def final_model_card(export_summary: dict) -> dict:
+    """What identifies an exported final model (`export`'s summary): where it is in the
+    campaign store, its genome id, the sha256 of its weights, its score per skill, the final
+    method and the generation it was built from."""
+    return {
+        key: export_summary[key]
+        for key in ("uri", "genome_id", "sha256", "scores", "method", "generation")
+    }
 
 
 def release(store_uri: str, owner: str) -> None:

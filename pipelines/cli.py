@@ -209,14 +209,26 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _arguments(args: argparse.Namespace) -> dict[str, str]:
-    from cycleqd.config import load_config
+# Config URIs a run's pods can read themselves; any other location is this machine's.
+SHARED_CONFIG_SCHEMES = ("s3", "http", "https")
 
-    config = load_config(args.config)  # fail here, not in the cluster
+
+def _arguments(args: argparse.Namespace) -> dict[str, str | int]:
+    from urllib.parse import urlparse
+
+    from cycleqd.config import config_location, load_config_text
+
+    generations = getattr(args, "search_generations", 0)
+    config = load_config_text(args.config, generations)  # fail here, not in the cluster
+    location = config_location(args.config)
+    # A shared config file goes by reference (every run, each firing of a schedule, reads
+    # it); a file of this machine goes inline.
+    shared = location is not None and urlparse(location).scheme in SHARED_CONFIG_SCHEMES
     return {
-        "campaign_config": config.to_yaml(),
+        "campaign_config": location if shared else config.to_yaml(),
         "campaign_store_uri": args.store,
         "tracking_uri": args.tracking_uri or "",
+        "search_generations": generations,
     }
 
 
@@ -351,7 +363,18 @@ def _add_commands(sub) -> None:
         parser.add_argument(
             "--token", default=None, help="bearer token (default: $KF_PIPELINES_TOKEN)"
         )
-        parser.add_argument("--config", required=True, help="campaign YAML")
+        parser.add_argument(
+            "--config",
+            required=True,
+            help="campaign config: a file here (sent inline), or the s3:// or https:// URI "
+            "of one (sent as it is: every run reads it)",
+        )
+        parser.add_argument(
+            "--search-generations",
+            type=int,
+            default=0,
+            help="generations to reach (default 0: the config's `generations`)",
+        )
         parser.add_argument("--store", required=True, help="campaign store: s3://bucket/prefix")
         parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI")
         parser.add_argument("--experiment", default="cycleqd")

@@ -152,15 +152,20 @@ def _reads_models(
 def build_pipeline(options: PipelineOptions = PipelineOptions()):
     @dsl.pipeline(name="cycleqd-generation", description="Breed, evaluate, commit one generation.")
     def generation(
-        campaign_config: str, campaign_store_uri: str, tracking_uri: str, run_owner: str
+        campaign_config: str,
+        campaign_store_uri: str,
+        tracking_uri: str,
+        run_owner: str,
+        search_generations: int,
     ):
         """One generation: breed, evaluate the children in parallel, commit the archives.
 
         Args:
-            campaign_config: The campaign config (YAML).
+            campaign_config: The campaign config: YAML, one-line JSON or a file's URI.
             campaign_store_uri: The campaign store: s3://bucket/prefix.
             tracking_uri: MLflow tracking URI; empty: no tracking.
             run_owner: The run's id, the owner of the campaign's lease.
+            search_generations: Generations to reach; 0: the config's `generations`.
         """
         bred = _with_s3_secret(
             breed(
@@ -168,6 +173,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 store_uri=campaign_store_uri,
                 run_owner=run_owner,
                 shards=options.parallelism,
+                search_generations=search_generations,
             ),
             options,
         ).set_display_name("breed")
@@ -192,6 +198,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 store_uri=campaign_store_uri,
                 tracking_uri=tracking_uri,
                 run_owner=run_owner,
+                search_generations=search_generations,
             ),
             options,
         ).set_display_name("commit archives").after(scored)
@@ -200,15 +207,25 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
         name="cycleqd",
         description="CycleQD: merge expert LLMs by quality-diversity search over model weights.",
     )
-    def cycleqd(campaign_config: str, campaign_store_uri: str, tracking_uri: str = ""):
+    def cycleqd(
+        campaign_config: str,
+        campaign_store_uri: str,
+        tracking_uri: str = "",
+        search_generations: int = 0,
+    ):
         """Preflight, experts, seed, the unrolled generations, export (see the module doc).
 
         Args:
-            campaign_config: The campaign config (YAML; see the README's "Configuration"),
-                fixed per campaign except `generations`, which a later run may raise.
+            campaign_config: The campaign config (see the README's "Configuration"), fixed
+                per campaign: one-line JSON, a YAML document (the UI's one-line field drops
+                its line breaks), or the URI of a config file: s3://bucket/key (read with the
+                campaign store's credentials), https://..., or a path in the task's pod.
             campaign_store_uri: Where the campaign lives: s3://bucket/prefix (credentials
                 from the Kubernetes secret named at compile time, never in this YAML).
             tracking_uri: MLflow tracking URI; empty: no tracking.
+            search_generations: Generations to reach (the campaign's target, counted from
+                its start, not from this run's); 0: the config's `generations`. The one
+                setting a later run of a campaign may change.
         """
         run_owner = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         give_back = _with_s3_secret(
@@ -222,6 +239,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                         store_uri=campaign_store_uri,
                         tracking_uri=tracking_uri,
                         run_owner=run_owner,
+                        search_generations=search_generations,
                     ),
                     options,
                 ),
@@ -257,6 +275,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                             store_uri=campaign_store_uri,
                             tracking_uri=tracking_uri,
                             run_owner=run_owner,
+                            search_generations=search_generations,
                         ),
                         options,
                     ),
@@ -272,6 +291,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                         campaign_store_uri=campaign_store_uri,
                         tracking_uri=tracking_uri,
                         run_owner=run_owner,
+                        search_generations=search_generations,
                     )
                     .set_display_name(f"generation +{index + 1}")
                     .set_caching_options(False)
@@ -284,6 +304,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                         store_uri=campaign_store_uri,
                         tracking_uri=tracking_uri,
                         run_owner=run_owner,
+                        search_generations=search_generations,
                     ),
                     options,
                 ),

@@ -32,6 +32,7 @@ def test_compiled_yaml_loads_back_with_documented_parameters():
         "campaign_config",
         "campaign_store_uri",
         "tracking_uri",
+        "search_generations",
     }
     # What the Kubeflow UI shows beside each parameter when a run is created (the loader
     # above does not read descriptions back: the compiled spec's root holds them).
@@ -39,6 +40,22 @@ def test_compiled_yaml_loads_back_with_documented_parameters():
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert set(parameters) == set(loaded.component_spec.inputs)
     assert all(p["description"].strip() for p in parameters.values())
+    # A run started from the UI with the required fields only: the rest have defaults.
+    required = {name for name, p in parameters.items() if not p.get("isOptional")}
+    assert required == {"campaign_config", "campaign_store_uri"}
+    assert parameters["search_generations"]["parameterType"] == "NUMBER_INTEGER"
+    assert parameters["search_generations"]["defaultValue"] == 0
+
+
+def test_generations_to_reach_reach_every_task_that_reads_the_target():
+    spec, _ = _documents(COMPILED)
+    fed = {
+        _task(f"exec-{task}")
+        for component in spec["components"].values()
+        for task, wiring in component.get("dag", {}).get("tasks", {}).items()
+        if "search_generations" in wiring.get("inputs", {}).get("parameters", {})
+    }
+    assert {"preflight", "seed", "breed", "commit", "export"} <= fed
 
 
 def _executor(spec: dict, task: str) -> dict:

@@ -23,6 +23,8 @@ def test_breeds_population_then_nothing_once_done(probe_campaign, tmp_path):
         steps.evaluate(config, str(tmp_path), gid)
     steps.commit(config, str(tmp_path), owner="r")
     assert breed.python_func(**args, shards=3) == []
+    # A later run raises the generations to reach without touching the config.
+    assert len(breed.python_func(**args, shards=3, search_generations=2)) == 3
 
 
 def test_breeds_as_a_kfp_task(probe_campaign, kfp_local, tmp_path):

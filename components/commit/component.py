@@ -11,6 +11,7 @@ def commit(
     run_owner: str,
     archives: dsl.Output[dsl.Metrics],
     elite_maps: dsl.Output[dsl.HTML],
+    search_generations: int = 0,
 ) -> str:
     """Insert the generation's evaluated children into the archives and commit them.
 
@@ -18,10 +19,12 @@ def commit(
     never-overwritten snapshot. A retried task whose generation was committed changes nothing.
 
     Args:
-        campaign_config: The campaign config (YAML; see the README's "Configuration").
+        campaign_config: The campaign config (see the README's "Configuration"): a YAML
+            document, one-line JSON, or a config file's URI (s3://, https://, a path).
         store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
         tracking_uri: MLflow tracking URI; empty: no tracking.
         run_owner: This run's id, the owner of the campaign's lease.
+        search_generations: Generations to reach; 0: the config's `generations`.
 
     Returns:
         archives: The committed generation, and each archive's best quality and elite count.
@@ -33,7 +36,7 @@ def commit(
 
     from cycleqd import steps
 
-    summary = steps.commit(campaign_config, store_uri, tracking_uri, run_owner)
+    summary = steps.commit(campaign_config, store_uri, tracking_uri, run_owner, search_generations)
     archives.log_metric("generation", summary["generation"])
     for skill, archive in summary["archives"].items():
         archives.log_metric(f"{skill}_best", archive["best"])

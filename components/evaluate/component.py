@@ -6,7 +6,7 @@ from cycleqd_kfp.components.runtime import EVALUATOR_IMAGE
 @dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
 def evaluate(
     campaign_config: str, store_uri: str, genome_ids: str, scores: dsl.Output[dsl.Metrics]
-):
+) -> str:
     """Materialise a group of children from their recipes and score each on every skill.
 
     One warm model scores the whole group (a local run's evaluation server, where there is
@@ -14,20 +14,23 @@ def evaluate(
     already scored instead of evaluating them again.
 
     Args:
-        campaign_config: The campaign config (YAML; see the README's "Configuration").
+        campaign_config: The campaign config (see the README's "Configuration"): a YAML
+            document, one-line JSON, or a config file's URI (s3://, https://, a path).
         store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
         genome_ids: The children to score: one of breed's groups (comma-separated ids).
 
     Returns:
-        scores: Each child's score per skill (`<id>.<skill>`, the id's first 12 characters)
-            and whether it was rejected (`<id>.rejected`: 1 where its weights were not
-            finite; such a child enters no archive).
+        scores: The group's scores under names that stay the same from run to run:
+            `<skill>_best_child` and `<skill>_mean` (over the children scored),
+            `children_scored` and `children_rejected` (weights not finite: such a child
+            enters no archive).
+        Output: Each child's scores by genome id (JSON; null for a rejected child).
     """
-    from cycleqd.evaluation_service import evaluate_children
+    import json
+
+    from cycleqd.evaluation_service import evaluate_children, evaluation_metrics
 
     records = evaluate_children(campaign_config, store_uri, genome_ids.split(","))
-    for record in records:
-        child = record["genome_id"][:12]
-        for skill, value in (record["scores"] or {}).items():
-            scores.log_metric(f"{child}.{skill}", value)
-        scores.log_metric(f"{child}.rejected", float(record["scores"] is None))
+    for name, value in evaluation_metrics(records).items():
+        scores.log_metric(name, value)
+    return json.dumps({record["genome_id"]: record["scores"] for record in records})

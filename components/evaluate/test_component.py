@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from kfp import dsl
 
@@ -29,11 +31,18 @@ def bred(probe_campaign, tmp_path) -> tuple[str, str, str]:
     return config, store, group
 
 
-def _assert_every_child_scored(metrics: dict, group: str) -> None:
-    for child in group.split(","):
-        for skill in probe_world.SKILLS:
-            assert 0.0 <= metrics[f"{child[:12]}.{skill}"] <= 1.0
-        assert metrics[f"{child[:12]}.rejected"] == 0.0
+def _assert_every_child_scored(metrics: dict, children: str, output: str) -> None:
+    """The metrics name skills, never genome ids (runs compare in the UI); the ids are in
+    the task's output."""
+    by_child = json.loads(output)
+    assert list(by_child) == children.split(",")
+    for skill in probe_world.SKILLS:
+        values = [scores[skill] for scores in by_child.values()]
+        assert metrics[f"{skill}_best_child"] == max(values)
+        assert metrics[f"{skill}_mean"] == pytest.approx(sum(values) / len(values))
+        assert all(0.0 <= v <= 1.0 for v in values)
+    assert metrics["children_scored"] == len(by_child) and metrics["children_rejected"] == 0
+    assert not any(child[:8] in name for child in by_child for name in metrics)
 
 
 def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
@@ -48,12 +57,19 @@ def test_scores_a_shard_once_with_one_evaluator_and_logs_every_child(
 
     monkeypatch.setattr(steps, "build_evaluator", build)
     metrics = output_artifact(dsl.Metrics, "scores")
-    evaluate.python_func(campaign_config=config, store_uri=store, genome_ids=shard, scores=metrics)
+    output = evaluate.python_func(
+        campaign_config=config, store_uri=store, genome_ids=shard, scores=metrics
+    )
     assert len(built) == 1 and built[0].calls == 3
-    _assert_every_child_scored(metrics.metadata, shard)
+    _assert_every_child_scored(metrics.metadata, shard, output)
     # A retried task reads the recorded scores back: nothing is scored twice.
     again = output_artifact(dsl.Metrics, "scores-again")
-    evaluate.python_func(campaign_config=config, store_uri=store, genome_ids=shard, scores=again)
+    assert (
+        evaluate.python_func(
+            campaign_config=config, store_uri=store, genome_ids=shard, scores=again
+        )
+        == output
+    )
     assert built[-1].calls == 0 and again.metadata == metrics.metadata
 
 
@@ -72,10 +88,8 @@ def test_refuses_children_of_another_generation(probe_campaign, output_artifact,
 def test_scores_as_a_kfp_task_and_keeps_the_scores_in_the_store(bred, kfp_local):
     config, store, group = bred
     task = evaluate(campaign_config=config, store_uri=store, genome_ids=group)
-    _assert_every_child_scored(task.outputs["scores"].metadata, group)
+    _assert_every_child_scored(task.outputs["scores"].metadata, group, task.outputs["Output"])
     kept = CampaignStore(store)
+    by_child = json.loads(task.outputs["Output"])
     for child in group.split(","):  # for the commit task, and for a retried task to read back
-        assert kept.get_json(f"evaluations/{child}.json")["scores"] == {
-            skill: task.outputs["scores"].metadata[f"{child[:12]}.{skill}"]
-            for skill in probe_world.SKILLS
-        }
+        assert kept.get_json(f"evaluations/{child}.json")["scores"] == by_child[child]

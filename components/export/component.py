@@ -10,6 +10,8 @@ def export(
     tracking_uri: str,
     run_owner: str,
     final_scores: dsl.Output[dsl.Metrics],
+    final_model: dsl.Output[dsl.Model],
+    search_generations: int = 0,
 ) -> str:
     """Build the campaign's final model, write it to the store's exports and register it.
 
@@ -20,21 +22,32 @@ def export(
     and registered in MLflow with its lineage.
 
     Args:
-        campaign_config: The campaign config (YAML; see the README's "Configuration").
+        campaign_config: The campaign config (see the README's "Configuration"): a YAML
+            document, one-line JSON, or a config file's URI (s3://, https://, a path).
         store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
         tracking_uri: MLflow tracking URI; empty: no tracking (nothing registered).
         run_owner: This run's id, the owner of the campaign's lease.
+        search_generations: Generations to reach; 0: the config's `generations`.
 
     Returns:
-        final_scores: The final model's score on every skill.
-        Output: The export (JSON): genome id, URI, sha256 of the weights, scores, the
-            generation it was built from.
+        final_scores: The final model's score on every skill (`<skill>`).
+        final_model: The final model: its metadata `uri` is where its weights are in the
+            campaign store (`<store>/exports/<genome id>`), with its `genome_id`, the
+            `sha256` of its weights, its `scores` per skill, the final `method` and the
+            `generation` it was built from; its file holds the same as JSON. The weights
+            stay in the store: KFP uploads an output artifact to the pipeline root, and a
+            copy there would double an 8B model's 16 GB.
+        Output: The export (JSON): the final model's metadata, and what MLflow missed.
     """
     import json
 
     from cycleqd import steps
 
-    result = steps.export(campaign_config, store_uri, tracking_uri, run_owner)
+    result = steps.export(campaign_config, store_uri, tracking_uri, run_owner, search_generations)
     for skill, value in (result["scores"] or {}).items():
         final_scores.log_metric(skill, value)
+    card = steps.final_model_card(result)
+    final_model.metadata.update(card)
+    with open(final_model.path, "w") as f:
+        json.dump(card, f, indent=1, sort_keys=True)
     return json.dumps(result)

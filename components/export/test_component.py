@@ -28,7 +28,10 @@ def test_exports_the_final_model_of_the_configs_method(
     store = str(tmp_path / "campaign")
     args = _seeded(probe_campaign(final={"method": method}), store)
     final_scores = output_artifact(dsl.Metrics, "final_scores")
-    result = json.loads(export.python_func(**args, final_scores=final_scores))
+    final_model = output_artifact(dsl.Model, "final_model")
+    result = json.loads(
+        export.python_func(**args, final_scores=final_scores, final_model=final_model)
+    )
 
     campaign = CampaignStore(store)
     gid = result["genome_id"]
@@ -51,6 +54,20 @@ def test_exports_the_final_model_of_the_configs_method(
     tensors = ((name, folder.get(name)) for name in folder.names())
     assert probe_evaluator.evaluate(gid, tensors) == result["scores"] == final_scores.metadata
     assert set(result["scores"]) == set(probe_world.SKILLS)
+    _assert_describes_the_export(final_model, result, method)
+
+
+def _assert_describes_the_export(model: dsl.Model, result: dict, method: str) -> None:
+    """The Model artifact points at the exported weights in the store and identifies them."""
+    assert model.metadata == {
+        "uri": result["uri"],
+        "genome_id": result["genome_id"],
+        "sha256": result["sha256"],
+        "scores": result["scores"],
+        "method": method,
+        "generation": result["generation"],
+    }
+    assert json.loads(Path(model.path).read_text()) == model.metadata
 
 
 def test_exports_as_a_kfp_task_and_a_retry_writes_the_same_bytes(
@@ -61,6 +78,11 @@ def test_exports_as_a_kfp_task_and_a_retry_writes_the_same_bytes(
     task = export(**args)
     result = json.loads(task.outputs["Output"])
     assert task.outputs["final_scores"].metadata == result["scores"]
+    _assert_describes_the_export(task.outputs["final_model"], result, "merge_best")
     assert CampaignStore(store).stored_models("exports") == [result["genome_id"]]
-    retried = export.python_func(**args, final_scores=output_artifact(dsl.Metrics, "retried"))
+    retried = export.python_func(
+        **args,
+        final_scores=output_artifact(dsl.Metrics, "retried"),
+        final_model=output_artifact(dsl.Model, "retried_model"),
+    )
     assert json.loads(retried)["sha256"] == result["sha256"]

@@ -14,8 +14,9 @@ def finetune(campaign_config: str, store_uri: str, skill: str, tracking_uri: str
     never trained again.
 
     Args:
-        campaign_config: The campaign config (YAML; see the README's "Configuration");
-            `models.experts.<skill>` is the fine-tuning spec.
+        campaign_config: The campaign config (see the README's "Configuration"): a YAML
+            document, one-line JSON, or a config file's URI (s3://, https://, a path);
+            its `models.experts.<skill>` is the fine-tuning spec.
         store_uri: The campaign store: s3://bucket/prefix, or a folder where the task runs.
         skill: The skill whose expert to fine-tune (one of those preflight returns).
         tracking_uri: MLflow tracking URI for the training run; empty: no tracking.

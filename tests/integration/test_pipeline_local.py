@@ -54,11 +54,18 @@ def test_pipeline_on_s3_and_mlflow(tiny_world, seaweed, mlflow_on_s3, tmp_path, 
         "population": 2,
         "mutation": {"kind": "svd"},
     }
+    # As from the Kubeflow UI: the config by URI (read with the store's credentials), its
+    # target raised by the run's parameter.
+    config_key = f"{prefix}-config.yaml"
+    seaweed.client().put_object(
+        Bucket=seaweed.bucket, Key=config_key, Body=yaml.safe_dump({**config, "generations": 1})
+    )
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "r"))
     build_pipeline(PipelineOptions(generations_per_run=2, parallelism=2))(
-        campaign_config=yaml.safe_dump(config),
+        campaign_config=f"s3://{seaweed.bucket}/{config_key}",
         campaign_store_uri=store_uri,
         tracking_uri=mlflow_on_s3.uri,
+        search_generations=2,
     )
 
     store = CampaignStore(
