@@ -12,6 +12,10 @@ Nothing depends on the server being there: when the variable is unset (a cluster
 socket is gone, or the server dies mid-request, the task evaluates in its own process, and
 children the server already scored are read back from the store, not scored again.
 
+The same server relays the tasks' MLflow events (`cycleqd.tracking.relay`): a task hands
+them over and goes on, one warm tracker delivers them; the driver has it deliver what is left
+before it stops the server.
+
 The socket lives in a private (0700) temporary folder: only the user who started the run can
 reach it. One request is one JSON line each way.
 """
@@ -72,6 +76,19 @@ def evaluate_children(config_yaml: str, store_uri: str, genome_ids: list[str]) -
 
         records = steps.evaluate_many(config_yaml, store_uri, genome_ids)
     return records
+
+
+def send_tracking(message: dict) -> bool:
+    """Hand a tracking event to the run's server (`RelayTracker`); False: there is none to
+    take it, or it is gone (the task then tracks on its own)."""
+    path = os.environ.get(SOCKET_ENV)
+    if not path:
+        return False
+    try:
+        reply = _request(path, message, timeout=60)
+    except OSError:
+        return False
+    return bool(reply and reply.get("ok"))
 
 
 def evaluation_metrics(records: list[dict]) -> dict[str, float]:
@@ -135,6 +152,8 @@ class EvaluationServer:
         self._evaluator = None
         self._key: str | None = None
         self._lock = threading.Lock()
+        self._relay = None  # the TrackingRelay, from the first tracking event on
+        self._relay_lock = threading.Lock()  # not the model's: events never wait on scoring
         self.stats = {"requests": 0, "children": 0, "evaluators_built": 0}
         # Seconds by part over all requests (`Campaign.timings`: materialize_s, evaluate_s) and
         # in requests as a whole (busy_s): benchmarks split a generation with them.
@@ -180,6 +199,18 @@ class EvaluationServer:
         if op == "warm":
             threading.Thread(target=self._warm_quietly, args=(message["config"],)).start()
             return {"ok": True}
+        if op == "track":
+            with self._relay_lock:
+                if self._relay is None:
+                    from cycleqd.tracking.relay import TrackingRelay
+
+                    self._relay = TrackingRelay()
+            self._relay.submit(message)
+            return {"ok": True}
+        if op == "close_tracking":
+            with self._relay_lock:
+                relay, self._relay = self._relay, None
+            return {"ok": True, "missed": relay.close() if relay is not None else []}
         if op == "evaluate":
             started = time.perf_counter()
             try:
@@ -285,6 +316,8 @@ def evaluation_service(log_path: Path, warm_config: str | None = None) -> Iterat
             os.environ.pop(SOCKET_ENV, None)
         else:
             os.environ[SOCKET_ENV] = previous
+        if handle.running:
+            _close_tracking(handle)
         process.terminate()
         try:
             process.wait(10)
@@ -292,6 +325,17 @@ def evaluation_service(log_path: Path, warm_config: str | None = None) -> Iterat
             process.kill()
             process.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _close_tracking(handle: ServiceHandle) -> None:
+    """Have the server deliver the tracking events it still holds before it stops."""
+    try:
+        reply = _request(handle.path, {"op": "close_tracking"}, timeout=600)
+    except OSError as exc:
+        log.warning("tracking: the evaluation server could not be asked to deliver (%s)", exc)
+        return
+    for missed in (reply or {}).get("missed", []):
+        log.warning("tracking: not delivered to MLflow: %s", missed)
 
 
 def _wait_until_listening(handle: ServiceHandle, log_path: Path) -> None:

@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
-from cycleqd import experts
+from cycleqd import evaluation_service, experts
 from cycleqd.campaign import Campaign
 from cycleqd.config import CampaignConfig, load_config_text
 from cycleqd.errors import ConfigError, CycleQDError
@@ -28,6 +28,7 @@ from cycleqd.protocols import Evaluator, Tracker
 from cycleqd.redact import redact_uri
 from cycleqd.state import CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, resolve_tracking_uri
+from cycleqd.tracking.relay import RelayTracker
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,17 @@ def _tracker(
     tracking_uri = resolve_tracking_uri(tracking_uri)
     if not tracking_uri:
         return NullTracker()
-    return MLflowTracker(
-        tracking_uri,
-        experiment=config.name,
-        campaign_uri=store.uri,
-        registry_name=f"{config.name}-final",
-        source="cycleqd pipeline",
-        kfp_run_id=owner or None,  # a pipeline's tasks hold the lease as their run
-    )
+    spec = {
+        "tracking_uri": tracking_uri,
+        "experiment": config.name,
+        "campaign_uri": store.uri,
+        "registry_name": f"{config.name}-final",
+        "source": "cycleqd pipeline",
+        "kfp_run_id": owner or None,  # a pipeline's tasks hold the lease as their run
+    }
+    if os.environ.get(evaluation_service.SOCKET_ENV):  # a local run's service relays events
+        return RelayTracker(spec, evaluation_service.send_tracking)
+    return MLflowTracker(**spec)
 
 
 @contextlib.contextmanager
