@@ -193,10 +193,12 @@ def _reads_models(
 
 
 def build_pipeline(options: PipelineOptions = PipelineOptions()):
-    def only_if_planned(stage: str, run_stage: Callable[[str, str, str, str], dsl.PipelineTask]):
-        """A sub-pipeline that asks `plan` on the CPU whether `stage` has work to do and runs
-        `run_stage` (its GPU task) only then. A sub-pipeline because the next stage waits on
-        it: KFP lets no task wait on one inside a condition from outside the condition."""
+    def only_if_planned(
+        stage: str, component: Callable[..., dsl.PipelineTask], timeout_s: int, display_name: str
+    ):
+        """A sub-pipeline that asks `plan` on the CPU whether the GPU stage `stage` has work
+        to do and runs its task (`component`) only then. A sub-pipeline because the next
+        stage waits on it: KFP lets no task wait on one inside a condition from outside it."""
 
         @dsl.pipeline(
             name=f"cycleqd-{stage}", description=f"{stage.capitalize()}, if it has work to do."
@@ -218,36 +220,23 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 options.plan_timeout_s,
             ).set_display_name(f"plan {stage}")
             with dsl.If(needed.output == True, name=f"{stage} has work"):  # noqa: E712
-                run_stage(campaign_config, campaign_store_uri, tracking_uri, run_owner)
+                task = component(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    tracking_uri=tracking_uri,
+                    run_owner=run_owner,
+                )
+                _reads_models(_on_gpu(task, options, timeout_s), options)
+                task.set_display_name(display_name)
 
         return planned_stage
 
-    def seed_task(
-        campaign_config: str, store_uri: str, tracking_uri: str, run_owner: str
-    ) -> dsl.PipelineTask:
-        task = seed(
-            campaign_config=campaign_config,
-            store_uri=store_uri,
-            tracking_uri=tracking_uri,
-            run_owner=run_owner,
-        )
-        task = _reads_models(_on_gpu(task, options, options.seed_timeout_s), options)
-        return task.set_display_name("seed archives with experts")
-
-    def export_task(
-        campaign_config: str, store_uri: str, tracking_uri: str, run_owner: str
-    ) -> dsl.PipelineTask:
-        task = export(
-            campaign_config=campaign_config,
-            store_uri=store_uri,
-            tracking_uri=tracking_uri,
-            run_owner=run_owner,
-        )
-        task = _reads_models(_on_gpu(task, options, options.export_timeout_s), options)
-        return task.set_display_name("export final model")
-
-    seed_if_unseeded = only_if_planned("seed", seed_task)
-    export_if_new = only_if_planned("export", export_task)
+    seed_unless_seeded = only_if_planned(
+        "seed", seed, options.seed_timeout_s, "seed archives with experts"
+    )
+    export_unless_exported = only_if_planned(
+        "export", export, options.export_timeout_s, "export final model"
+    )
 
     @dsl.pipeline(name="cycleqd-generation", description="Breed, evaluate, commit one generation.")
     def generation(
@@ -362,7 +351,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 "run_owner": run_owner,
             }
             previous = (
-                seed_if_unseeded(**stage_arguments)
+                seed_unless_seeded(**stage_arguments)
                 .set_display_name("seed unless seeded")
                 .set_caching_options(False)
                 .after(trained)
@@ -376,7 +365,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 )
             # Planned after the last commit: the final model is the last archives'.
             (
-                export_if_new(**stage_arguments)
+                export_unless_exported(**stage_arguments)
                 .set_display_name("export unless exported")
                 .set_caching_options(False)
                 .after(previous)
