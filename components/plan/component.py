@@ -3,6 +3,9 @@ from kfp import dsl
 from cycleqd_kfp.components.runtime import CPU_IMAGE
 
 
+# One stage per task, its answer the single `Output` (not a NamedTuple of both answers):
+# kfp.local 2.17 resolves a dsl.If condition only on a task's `Output`, and takes a condition
+# on a named output as false, silently.
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def plan(campaign_config: str, store_uri: str, stage: str) -> bool:
     """Decide on the CPU whether a GPU stage has work to do, so that its pod is only started
