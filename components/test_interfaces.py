@@ -25,6 +25,7 @@ def test_the_components_are_the_pipelines_stages():
         "evaluate",
         "export",
         "finetune",
+        "plan",
         "preflight",
         "release",
         "seed",

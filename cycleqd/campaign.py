@@ -464,9 +464,13 @@ class Campaign:
             if on_generation:
                 on_generation(self.generation, results)
 
+    def final_genome_id(self) -> str:
+        """The final model of the archives as they are, by the config's `final.method`: its
+        genome recorded in the book, nothing read or scored (the CPU may decide from it)."""
+        return self.book.add(final_genome(self.archives, self.config.final))
+
     def finalize(self) -> tuple[str, dict[str, float] | None]:
-        genome = final_genome(self.archives, self.config.final)
-        gid = self.book.add(genome)
+        gid = self.final_genome_id()
         return gid, self.evaluate(gid)
 
     def export(

@@ -14,7 +14,8 @@ Keys under the campaign's store:
     LATEST                            number of the last complete generation (written last)
     lease.json                        who writes this campaign, until when
     models/<genome id>/               elite weights breeding reads (+ manifest, written last)
-    exports/<genome id>/              exported models (final merges)
+    exports/<genome id>/              exported models (final merges; + genome.json, and
+                                      scores.json: the scores it was exported with)
     experts/<skill>/                  experts the campaign fine-tuned (the experts stage;
                                       + manifest with the genome record, factors.safetensors)
     training/<skill>.jsonl            the derived training set an expert was trained on
@@ -73,6 +74,8 @@ if TYPE_CHECKING:
     import torch
 
 AREAS = ("models", "exports")
+WEIGHTS_FILE = "model.safetensors"  # a stored model's weights, in models/<id>/ or exports/<id>/
+EXPORT_SCORES = "scores.json"  # beside an export's weights: the scores it was exported with
 SNAPSHOTS_KEPT = 20  # the latest snapshots kept (see CampaignStore.prune_snapshots)
 SNAPSHOT_HISTORY_EVERY = 100  # and every 100th generation's, for history
 
@@ -460,6 +463,23 @@ class CampaignStore:
     def model_uri(self, genome_id: str, area: str = "models") -> str:
         return f"{self.uri.rstrip('/')}/{_model_prefix(area, genome_id)}"
 
+    def export_scores_key(self, genome_id: str) -> str:
+        return f"{_model_prefix('exports', genome_id)}/{EXPORT_SCORES}"
+
+    def completed_export(self, genome_id: str) -> dict | None:
+        """The export of `genome_id` if it is complete (its manifest and every file the
+        manifest names): the sha256 of its weights and the scores recorded beside them (None
+        for an export written without). None when there is no complete export (one that a
+        crash left half-written is written again)."""
+        prefix = _model_prefix("exports", genome_id)
+        if not model_is_complete(self.store, prefix):
+            return None
+        manifest = read_manifest(self.store, prefix) or {}
+        return {
+            "sha256": manifest["files"].get(WEIGHTS_FILE),
+            "scores": self.get_json(self.export_scores_key(genome_id)),
+        }
+
     def has_model(self, genome_id: str, area: str = "models") -> bool:
         return self.store.exists(f"{_model_prefix(area, genome_id)}/{MANIFEST}")
 
@@ -533,10 +553,8 @@ class CampaignStore:
         published into <area>/<id>/ (`staged.publish()`) or dropped: the scratch folder is
         deleted on exit either way. The store sees nothing unless it is published."""
         with tempfile.TemporaryDirectory(prefix="cycleqd-model-") as tmp:
-            files = {"model.safetensors": Path(tmp) / "model.safetensors"}
-            sha = write_safetensors(
-                files["model.safetensors"], specs, tensors, {"genome": genome_id}
-            )
+            files = {WEIGHTS_FILE: Path(tmp) / WEIGHTS_FILE}
+            sha = write_safetensors(files[WEIGHTS_FILE], specs, tensors, {"genome": genome_id})
             for name, text in (extra_files or {}).items():
                 files[name] = Path(tmp) / name
                 files[name].write_text(text)

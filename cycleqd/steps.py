@@ -26,7 +26,7 @@ from cycleqd.experts import check_expert_specs, experts_to_train
 from cycleqd.model_sources import check_models
 from cycleqd.protocols import Evaluator, Tracker
 from cycleqd.redact import redact_uri
-from cycleqd.state import CampaignLockedError, CampaignStore
+from cycleqd.state import EXPORT_SCORES, CampaignLockedError, CampaignStore
 from cycleqd.tracking import MLflowTracker, NullTracker, resolve_tracking_uri
 from cycleqd.tracking.relay import RelayTracker
 
@@ -242,6 +242,29 @@ def commit(
     return summary
 
 
+# The GPU stages that `plan` decides on (its answers' keys).
+PLANNED_STAGES = ("seed", "export")
+
+
+def plan(config_yaml: str, store_uri: str) -> dict:
+    """What the GPU stages have left to do, read from the store on the CPU: `seed`, whether
+    the campaign is not seeded yet; `export`, whether the final genome of its last committed
+    archives (`final_genome_id`) has no complete export yet. The pipeline runs seed and export
+    only when they do, so a rerun of a seeded or finished campaign holds no GPU for them."""
+    latest = CampaignStore(store_uri).latest_generation()
+    if latest is None:
+        return {"latest_generation": -1, "seed": True, "final_genome_id": None, "export": True}
+    with open_campaign(config_yaml, store_uri, writer=False) as c:
+        final_id = c.final_genome_id()
+        exported = c.store.completed_export(final_id) is not None
+    return {
+        "latest_generation": latest,
+        "seed": False,
+        "final_genome_id": final_id,
+        "export": not exported,
+    }
+
+
 def export(
     config_yaml: str,
     store_uri: str,
@@ -251,13 +274,25 @@ def export(
 ) -> dict:
     """Build the final model by the config's `final.method` (`merge_best`: the best elite of
     every archive merged with softmax weights; `best_mean`: the elite with the best mean
-    score), score it and write it to the store's exports (registered with the tracker)."""
+    score), score it and write it to the store's exports (registered with the tracker).
+
+    Once: when `exports/<final id>/` is already complete (an earlier run or attempt exported
+    the same final model), nothing is scored or written and the export is read back;
+    `written` says which."""
     with open_campaign(
         config_yaml, store_uri, owner=owner, tracking_uri=tracking_uri, generations=generations
     ) as c:
-        genome_id, scores = c.finalize()
-        genome = c.book[genome_id]
-        sha = c.export(genome_id, scores, {"genome.json": json.dumps(genome.to_dict())})
+        genome_id = c.final_genome_id()
+        previous = c.store.completed_export(genome_id)
+        if previous is None:
+            scores = c.evaluate(genome_id)
+            files = {
+                "genome.json": json.dumps(c.book[genome_id].to_dict()),
+                EXPORT_SCORES: json.dumps(scores),
+            }
+            sha = c.export(genome_id, scores, files)
+        else:
+            sha, scores = previous["sha256"], previous["scores"]
         summary = {
             "genome_id": genome_id,
             "uri": c.store.model_uri(genome_id, "exports"),
@@ -265,6 +300,7 @@ def export(
             "scores": scores,
             "generation": c.generation,
             "method": c.config.final.method,
+            "written": previous is None,
         }
     summary["tracking_missed"] = [str(m) for m in c.tracker.missed()]
     return summary

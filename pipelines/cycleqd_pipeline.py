@@ -16,6 +16,15 @@ replay stale archive state.
 The run's parameters are described in the `cycleqd` pipeline's docstring, from which KFP
 takes the descriptions the Kubeflow UI shows beside them.
 
+GPUs only where they are used: fine-tuning, seed, evaluation and export run on GPU nodes; the
+other tasks (preflight, plan, breed, commit, release) get small CPU requests and no accelerator.
+Seed and export are each a sub-pipeline whose CPU `plan` task reads the store and starts the
+GPU task (`dsl.If`) only if it has work to do: seed while the campaign is not seeded, export
+(planned after the run's last commit) while the final model of the last committed archives has
+no complete export. They are sub-pipelines because KFP lets no task wait on a task inside a
+condition from outside it. Every task's pod has a deadline of its stage (PipelineOptions), so
+that a hung pod does not hold its GPU.
+
 Models (the config's `models.base` and `models.experts`) are s3:// URIs, read with the same
 secret as the store and copied once per pod into an emptyDir cache, or paths in a
 PersistentVolumeClaim mounted at compile time (`PipelineOptions.models_pvc`). Only the tasks
@@ -24,6 +33,7 @@ that read weights get them: preflight (headers only), seed, evaluate, export.
 
 # No `from __future__ import annotations` here: KFP reads the pipelines' annotations as types.
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +46,7 @@ from cycleqd_kfp.components.commit.component import commit
 from cycleqd_kfp.components.evaluate.component import evaluate
 from cycleqd_kfp.components.export.component import export
 from cycleqd_kfp.components.finetune.component import finetune
+from cycleqd_kfp.components.plan.component import plan
 from cycleqd_kfp.components.preflight.component import preflight
 from cycleqd_kfp.components.release.component import release
 from cycleqd_kfp.components.seed.component import seed
@@ -84,20 +95,52 @@ class PipelineOptions:
     # The `db` skill's database password ($CYCLEQD_DB_PASSWORD, key of the same name), for
     # the tasks that score skills (preflight checks the server): never part of the config.
     db_secret: str = "cycleqd-db"
+    # What the tasks without a GPU (preflight, plan, breed, commit, release) ask the scheduler
+    # for: they move JSON and read model headers, never weights, so they fit on any node.
+    cpu_task_cpu_request: str = "500m"
+    cpu_task_memory_request: str = "2Gi"  # Python with MLflow and the skills' checkers loaded
+    # Each task's pod is stopped after this long (its activeDeadlineSeconds; a retried task
+    # gets it again per attempt), so that a hung pod never holds its node, or GPU, for good.
+    # Sized for an 8B model on one GPU, with room for slow model copies from S3.
+    preflight_timeout_s: int = 30 * 60  # model headers, data sets, services: minutes at most
+    # One LoRA fine-tuning of an 8B expert; a retry resumes from its checkpoints.
+    finetune_timeout_s: int = 24 * 60 * 60
+    plan_timeout_s: int = 10 * 60  # reads the last snapshot and one manifest
+    # Copies base and experts (~64 GB from S3) and scores every expert on every skill.
+    seed_timeout_s: int = 4 * 60 * 60
+    breed_timeout_s: int = 30 * 60  # recipes only: no weights are read
+    # One task's share of a generation's children, each materialised and scored on every
+    # skill (minutes per child for an 8B with vLLM), after the models' copy into the cache.
+    evaluation_timeout_s: int = 6 * 60 * 60
+    commit_timeout_s: int = 30 * 60  # a snapshot, garbage collection, MLflow, elite maps
+    # Materialises, scores and uploads the final model (16 GB of weights for an 8B).
+    export_timeout_s: int = 3 * 60 * 60
+    release_timeout_s: int = 5 * 60  # deletes one lease object
 
 
-def _with_s3_secret(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
+def _with_s3_secret(
+    task: dsl.PipelineTask, options: PipelineOptions, timeout_s: int
+) -> dsl.PipelineTask:
+    """Every task: the store's credentials, no caching (tasks are stateful), a deadline."""
     kubernetes.use_secret_as_env(
         task,
         secret_name=options.s3_secret,
         secret_key_to_env={k: k for k in S3_ENV},
         optional=True,
     )
+    kubernetes.set_timeout(task, timeout_s)
     return task.set_caching_options(False)
 
 
+def _on_cpu(task: dsl.PipelineTask, options: PipelineOptions, timeout_s: int) -> dsl.PipelineTask:
+    """A task without a GPU: small requests, so that it is scheduled next to anything."""
+    task.set_cpu_request(options.cpu_task_cpu_request)
+    task.set_memory_request(options.cpu_task_memory_request)
+    return _with_s3_secret(task, options, timeout_s)
+
+
 def _on_gpu(
-    task: dsl.PipelineTask, options: PipelineOptions, training: bool = False
+    task: dsl.PipelineTask, options: PipelineOptions, timeout_s: int, training: bool = False
 ) -> dsl.PipelineTask:
     """A task on a GPU node: the evaluation resources, or (`training`) the fine-tuning ones."""
     task.set_accelerator_type(options.gpu_resource)
@@ -118,7 +161,7 @@ def _on_gpu(
     kubernetes.add_toleration(
         task, key=options.gpu_resource, operator="Exists", effect="NoSchedule"
     )
-    return _with_s3_secret(task, options)
+    return _with_s3_secret(task, options, timeout_s)
 
 
 def _reads_models(
@@ -150,6 +193,57 @@ def _reads_models(
 
 
 def build_pipeline(options: PipelineOptions = PipelineOptions()):
+    def only_if_planned(
+        stage: str, component: Callable[..., dsl.PipelineTask], timeout_s: int, display_name: str
+    ):
+        """A sub-pipeline that asks `plan` on the CPU whether the GPU stage `stage` has work
+        to do and runs its task (`component`) only then. A sub-pipeline because the next
+        stage waits on it: KFP lets no task wait on one inside a condition from outside it."""
+
+        @dsl.pipeline(
+            name=f"cycleqd-{stage}", description=f"{stage.capitalize()}, if it has work to do."
+        )
+        def planned_stage(
+            campaign_config: str,
+            campaign_store_uri: str,
+            tracking_uri: str,
+            run_owner: str,
+            search_generations: int,
+        ):
+            """Plan on the CPU, then run the stage's GPU task only if it has work to do.
+
+            Args:
+                campaign_config: The campaign config: YAML, one-line JSON or a file's URI.
+                campaign_store_uri: The campaign store: s3://bucket/prefix.
+                tracking_uri: MLflow tracking URI; empty: no tracking.
+                run_owner: The run's id, the owner of the campaign's lease.
+                search_generations: Generations to reach; 0: the config's `generations`.
+            """
+            needed = _on_cpu(
+                plan(campaign_config=campaign_config, store_uri=campaign_store_uri, stage=stage),
+                options,
+                options.plan_timeout_s,
+            ).set_display_name(f"plan {stage}")
+            with dsl.If(needed.output == True, name=f"{stage} has work"):  # noqa: E712
+                task = component(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    tracking_uri=tracking_uri,
+                    run_owner=run_owner,
+                    search_generations=search_generations,
+                )
+                _reads_models(_on_gpu(task, options, timeout_s), options)
+                task.set_display_name(display_name)
+
+        return planned_stage
+
+    seed_unless_seeded = only_if_planned(
+        "seed", seed, options.seed_timeout_s, "seed archives with experts"
+    )
+    export_unless_exported = only_if_planned(
+        "export", export, options.export_timeout_s, "export final model"
+    )
+
     @dsl.pipeline(name="cycleqd-generation", description="Breed, evaluate, commit one generation.")
     def generation(
         campaign_config: str,
@@ -167,7 +261,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
             run_owner: The run's id, the owner of the campaign's lease.
             search_generations: Generations to reach; 0: the config's `generations`.
         """
-        bred = _with_s3_secret(
+        bred = _on_cpu(
             breed(
                 campaign_config=campaign_config,
                 store_uri=campaign_store_uri,
@@ -176,6 +270,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 search_generations=search_generations,
             ),
             options,
+            options.breed_timeout_s,
         ).set_display_name("breed")
         with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_ids:
             scored = _reads_models(
@@ -186,13 +281,14 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                         genome_ids=genome_ids,
                     ),
                     options,
+                    options.evaluation_timeout_s,
                 ),
                 options,
             ).set_display_name("evaluate children")
             scored.set_retry(
                 num_retries=options.evaluation_retries, backoff_duration="30s", backoff_factor=2
             )
-        _with_s3_secret(
+        _on_cpu(
             commit(
                 campaign_config=campaign_config,
                 store_uri=campaign_store_uri,
@@ -201,6 +297,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 search_generations=search_generations,
             ),
             options,
+            options.commit_timeout_s,
         ).set_display_name("commit archives").after(scored)
 
     @dsl.pipeline(
@@ -228,12 +325,14 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 setting a later run of a campaign may change.
         """
         run_owner = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        give_back = _with_s3_secret(
-            release(store_uri=campaign_store_uri, run_owner=run_owner), options
+        give_back = _on_cpu(
+            release(store_uri=campaign_store_uri, run_owner=run_owner),
+            options,
+            options.release_timeout_s,
         ).set_display_name("release campaign")
         with dsl.ExitHandler(give_back, name="campaign"):
             checked = _reads_models(
-                _with_s3_secret(
+                _on_cpu(
                     preflight(
                         campaign_config=campaign_config,
                         store_uri=campaign_store_uri,
@@ -242,6 +341,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                         search_generations=search_generations,
                     ),
                     options,
+                    options.preflight_timeout_s,
                 ),
                 options,
                 copies=False,  # headers and config.json only
@@ -259,6 +359,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                             tracking_uri=tracking_uri,
                         ),
                         options,
+                        options.finetune_timeout_s,
                         training=True,
                     ),
                     options,
@@ -267,49 +368,33 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 trained.set_retry(
                     num_retries=options.finetune_retries, backoff_duration="60s", backoff_factor=2
                 )
+            stage_arguments = {
+                "campaign_config": campaign_config,
+                "campaign_store_uri": campaign_store_uri,
+                "tracking_uri": tracking_uri,
+                "run_owner": run_owner,
+                "search_generations": search_generations,
+            }
             previous = (
-                _reads_models(
-                    _on_gpu(
-                        seed(
-                            campaign_config=campaign_config,
-                            store_uri=campaign_store_uri,
-                            tracking_uri=tracking_uri,
-                            run_owner=run_owner,
-                            search_generations=search_generations,
-                        ),
-                        options,
-                    ),
-                    options,
-                )
-                .set_display_name("seed archives with experts")
+                seed_unless_seeded(**stage_arguments)
+                .set_display_name("seed unless seeded")
+                .set_caching_options(False)
                 .after(trained)
             )
             for index in range(options.generations_per_run):
                 previous = (
-                    generation(
-                        campaign_config=campaign_config,
-                        campaign_store_uri=campaign_store_uri,
-                        tracking_uri=tracking_uri,
-                        run_owner=run_owner,
-                        search_generations=search_generations,
-                    )
+                    generation(**stage_arguments)
                     .set_display_name(f"generation +{index + 1}")
                     .set_caching_options(False)
                     .after(previous)
                 )
-            _reads_models(
-                _on_gpu(
-                    export(
-                        campaign_config=campaign_config,
-                        store_uri=campaign_store_uri,
-                        tracking_uri=tracking_uri,
-                        run_owner=run_owner,
-                        search_generations=search_generations,
-                    ),
-                    options,
-                ),
-                options,
-            ).set_display_name("export final model").after(previous)
+            # Planned after the last commit: the final model is the last archives'.
+            (
+                export_unless_exported(**stage_arguments)
+                .set_display_name("export unless exported")
+                .set_caching_options(False)
+                .after(previous)
+            )
 
     return cycleqd
 

@@ -89,7 +89,7 @@ def test_experts_are_fine_tuned_on_the_trainer_image_with_a_gpu_before_seeding()
     assert loop["dependentTasks"] == ["preflight"]
     items = loop["parameterIterator"]["items"]["inputParameter"]
     assert items == "pipelinechannel--preflight-Output"
-    assert dag["seed"]["dependentTasks"] == [name]
+    assert dag["cycleqd-seed"]["dependentTasks"] == [name]
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["finetune"]
     assert body["retryPolicy"]["maxRetryCount"] == PipelineOptions().finetune_retries
 
@@ -106,6 +106,7 @@ def test_credentials_come_from_a_kubernetes_secret_never_the_yaml():
         "exec-preflight",
         "exec-finetune",
         "exec-release",
+        "exec-plan",
     ):
         (secret,) = [
             s
@@ -133,7 +134,8 @@ def test_generations_are_unrolled_and_stateful_tasks_never_cached():
 
 
 WEIGHT_TASKS = {"preflight", "finetune", "seed", "evaluate", "export"}
-OTHER_TASKS = {"breed", "commit", "release"}
+OTHER_TASKS = {"plan", "breed", "commit", "release"}
+GPU_TASKS = {"finetune", "seed", "evaluate", "export"}
 
 
 def _task(executor: str) -> str:
@@ -205,3 +207,65 @@ def test_database_password_only_where_skills_are_scored():
             ]
         else:
             assert secrets == [], name
+
+
+def test_every_task_has_a_deadline_of_its_stage():
+    """A hung pod is stopped (activeDeadlineSeconds) instead of holding its node or GPU."""
+    options = PipelineOptions()
+    deadlines = {
+        "preflight": options.preflight_timeout_s,
+        "finetune": options.finetune_timeout_s,
+        "plan": options.plan_timeout_s,
+        "seed": options.seed_timeout_s,
+        "breed": options.breed_timeout_s,
+        "evaluate": options.evaluation_timeout_s,
+        "commit": options.commit_timeout_s,
+        "export": options.export_timeout_s,
+        "release": options.release_timeout_s,
+    }
+    spec, platform = _documents(COMPILED)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every task's pod
+    for name, config in executors.items():
+        assert int(config["activeDeadlineSeconds"]) == deadlines[_task(name)] > 0, name
+
+
+def test_only_the_tasks_that_use_a_gpu_request_one_and_the_others_request_little():
+    options = PipelineOptions()
+    spec, platform = _documents(COMPILED)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        if _task(name) in GPU_TASKS:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+            continue
+        assert "accelerator" not in resources, f"{name} reads no weights but asks for a GPU"
+        assert "tolerations" not in k8s[name], name
+        assert resources["resourceCpuRequest"] == options.cpu_task_cpu_request, name
+        assert resources["resourceMemoryRequest"] == options.cpu_task_memory_request, name
+
+
+def _gated_stage(spec: dict, stage: str) -> dict:
+    """The sub-pipeline that runs `stage` only if `plan` says it has work to do."""
+    dag = spec["components"][f"comp-cycleqd-{stage}"]["dag"]["tasks"]
+    assert dag["plan"]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == stage
+    (condition,) = [t for t in dag.values() if "triggerPolicy" in t]
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--plan-Output'] == true"
+    )
+    assert condition["dependentTasks"] == ["plan"]
+    gated = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(gated) == {stage}
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"][f"cycleqd-{stage}"]
+
+
+def test_seed_and_export_start_a_gpu_only_when_planned_on_the_cpu():
+    """Seed only while the campaign is not seeded; export only once the last generation of
+    the run is committed, and only while its final model has no export."""
+    spec, _ = _documents(COMPILED)
+    _gated_stage(spec, "seed")
+    exporting = _gated_stage(spec, "export")
+    dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert dag["cycleqd-generation"]["dependentTasks"] == ["cycleqd-seed"]
+    last = f"cycleqd-generation-{PipelineOptions().generations_per_run}"
+    assert exporting["dependentTasks"] == [last]

@@ -70,7 +70,7 @@ def _assert_describes_the_export(model: dsl.Model, result: dict, method: str) ->
     assert json.loads(Path(model.path).read_text()) == model.metadata
 
 
-def test_exports_as_a_kfp_task_and_a_retry_writes_the_same_bytes(
+def test_exports_as_a_kfp_task_and_a_retry_finds_the_export_done(
     probe_campaign, kfp_local, output_artifact, tmp_path
 ):
     store = str(tmp_path / "campaign")
@@ -79,10 +79,15 @@ def test_exports_as_a_kfp_task_and_a_retry_writes_the_same_bytes(
     result = json.loads(task.outputs["Output"])
     assert task.outputs["final_scores"].metadata == result["scores"]
     _assert_describes_the_export(task.outputs["final_model"], result, "merge_best")
+    assert result["written"] is True
     assert CampaignStore(store).stored_models("exports") == [result["genome_id"]]
+    folder = Path(store) / "exports" / result["genome_id"]
+    files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     retried = export.python_func(
         **args,
         final_scores=output_artifact(dsl.Metrics, "retried"),
         final_model=output_artifact(dsl.Model, "retried_model"),
     )
-    assert json.loads(retried)["sha256"] == result["sha256"]
+    # Read back, not scored or written again: the same sha256 and scores.
+    assert json.loads(retried) == {**result, "written": False}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == files

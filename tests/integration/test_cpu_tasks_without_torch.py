@@ -1,6 +1,7 @@
-"""The pipeline's CPU-only tasks (preflight, breed, commit, release) never import torch: each is
-a fresh process per generation (a pod on Kubeflow, a subprocess with kfp.local), and importing
-torch alone costs about a second of it. Only the tasks that build or score models need it."""
+"""The pipeline's CPU-only tasks (preflight, plan, breed, commit, release) never import torch:
+each is a fresh process per generation (a pod on Kubeflow, a subprocess with kfp.local), and
+importing torch alone costs about a second of it. Only the tasks that build or score models
+need it."""
 
 from __future__ import annotations
 
@@ -23,20 +24,23 @@ import json, sys
 from kfp import dsl
 from cycleqd_kfp.components.breed.component import breed
 from cycleqd_kfp.components.commit.component import commit
+from cycleqd_kfp.components.plan.component import plan
 from cycleqd_kfp.components.preflight.component import preflight
 from cycleqd_kfp.components.release.component import release
 
 task, config, store, out = sys.argv[1:5]
 result = None
-if task == "preflight+breed":
+if task == "preflight+plan+breed":
     preflight.python_func(campaign_config=config, store_uri=store, tracking_uri="", run_owner="r")
+    assert not plan.python_func(campaign_config=config, store_uri=store, stage="seed")
     result = breed.python_func(campaign_config=config, store_uri=store, run_owner="r", shards=2)
-elif task == "commit+release":
+elif task == "commit+plan+release":
     result = json.loads(commit.python_func(
         campaign_config=config, store_uri=store, tracking_uri="", run_owner="r",
         archives=dsl.Metrics(name="archives", uri=out + "/archives", metadata={}),
         elite_maps=dsl.HTML(name="elite_maps", uri=out + "/maps.html", metadata={}),
     ))
+    assert plan.python_func(campaign_config=config, store_uri=store, stage="export")
     release.python_func(store_uri=store, run_owner="r")
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[5].split(",")))
 print(json.dumps({"result": result, "imported": heavy}))
@@ -62,15 +66,15 @@ def test_breed_and_commit_tasks_run_without_torch(tiny_world, tmp_path):
     store = str(tmp_path / "campaign")
     steps.seed(config, store, owner="r")  # scores the experts: torch, in this process
 
-    bred = _run("preflight+breed", config, store, tmp_path)
-    assert bred["imported"] == [], f"preflight/breed imported {bred['imported']}"
+    bred = _run("preflight+plan+breed", config, store, tmp_path)
+    assert bred["imported"] == [], f"preflight/plan/breed imported {bred['imported']}"
     children = [gid for shard in bred["result"] for gid in shard.split(",")]
     assert len(children) == 3
     steps.evaluate_many(config, store, children)  # the evaluation task: torch, in this process
 
-    committed = _run("commit+release", config, store, tmp_path)
+    committed = _run("commit+plan+release", config, store, tmp_path)
     # Its elite maps for the Kubeflow UI are SVG, drawn without matplotlib.
-    assert committed["imported"] == [], f"commit/release imported {committed['imported']}"
+    assert committed["imported"] == [], f"commit/plan/release imported {committed['imported']}"
     maps = (tmp_path / "maps.html").read_text()
     assert maps.count("<svg") == len(probe_world.SKILLS) and "after generation 1" in maps
     assert committed["result"]["generation"] == 1 and committed["result"]["committed"]

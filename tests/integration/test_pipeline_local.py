@@ -60,13 +60,23 @@ def test_pipeline_on_s3_and_mlflow(tiny_world, seaweed, mlflow_on_s3, tmp_path, 
     seaweed.client().put_object(
         Bucket=seaweed.bucket, Key=config_key, Body=yaml.safe_dump({**config, "generations": 1})
     )
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "r"))
-    build_pipeline(PipelineOptions(generations_per_run=2, parallelism=2))(
-        campaign_config=f"s3://{seaweed.bucket}/{config_key}",
-        campaign_store_uri=store_uri,
-        tracking_uri=mlflow_on_s3.uri,
-        search_generations=2,
-    )
+    pipeline = build_pipeline(PipelineOptions(generations_per_run=2, parallelism=2))
+
+    def run_pipeline(root: str) -> set[str]:
+        """Runs the pipeline through kfp.local; returns the tasks that ran (kfp.local gives
+        each task that runs a folder in the run's pipeline root, and a skipped one none)."""
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / root)
+        )
+        pipeline(
+            campaign_config=f"s3://{seaweed.bucket}/{config_key}",
+            campaign_store_uri=store_uri,
+            tracking_uri=mlflow_on_s3.uri,
+            search_generations=2,
+        )
+        return {task.name for task in (tmp_path / root).glob("*/*") if task.is_dir()}
+
+    assert {"seed", "export"} <= run_pipeline("r")
 
     store = CampaignStore(
         S3ObjectStore(
@@ -119,6 +129,13 @@ def test_pipeline_on_s3_and_mlflow(tiny_world, seaweed, mlflow_on_s3, tmp_path, 
     assert kinds.count("base") == 1 and kinds.count("expert") == 3 and "final" in kinds
     artifacts = s3_server_objects(seaweed)
     assert any(k.endswith(".png") for k in artifacts), "elite maps in the S3 artifact store"
+
+    # A rerun of the finished campaign plans on the CPU and starts no GPU task: the campaign
+    # is seeded, no generation is left, and the final model is exported.
+    ran = run_pipeline("rerun")
+    assert not ran & {"seed", "evaluate", "export"}, sorted(ran)
+    assert {"preflight", "plan", "release"} <= ran
+    assert store.stored_models("exports") == [final] and store.read_lease() is None
 
 
 def s3_server_objects(seaweed) -> list[str]:
