@@ -232,16 +232,22 @@ def _arguments(args: argparse.Namespace) -> dict[str, str | int]:
     }
 
 
+def _package(args: argparse.Namespace, folder: Path) -> str:
+    """The pipeline compiled with these options, in `folder`."""
+    from cycleqd_kfp.pipelines.cycleqd_pipeline import compile_pipeline
+
+    return str(compile_pipeline(folder / "cycleqd_pipeline.yaml", _options(args)))
+
+
 def _pipeline_version(args: argparse.Namespace):
     """Connect, and the version of the pipeline compiled with these options (uploaded once)."""
     import tempfile
 
     from cycleqd_kfp.pipelines import kfp_client
-    from cycleqd_kfp.pipelines.cycleqd_pipeline import compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp, kfp_client.reported(args.host):
         client = kfp_client.connect(args.host, args.namespace, args.token)
-        package = compile_pipeline(Path(tmp) / "cycleqd_pipeline.yaml", _options(args))
+        package = _package(args, Path(tmp))
         version = kfp_client.pipeline_version(client, package, args.namespace)
     state = "uploaded" if version.uploaded else "already there"
     print(f"pipeline version {version.name} ({state})")
