@@ -41,6 +41,7 @@ from kfp import compiler, dsl, kubernetes
 
 from cycleqd.model_sources import CACHE_ENV as MODEL_CACHE_ENV
 from cycleqd.skills.registry import DB_PASSWORD_ENV
+from cycleqd.tracking.common import CLIENT_CONFIG_URI_ENV, IMAGE_ENV, KFP_UI_ENV
 from cycleqd_kfp.components.breed.component import breed
 from cycleqd_kfp.components.commit.component import commit
 from cycleqd_kfp.components.evaluate.component import evaluate
@@ -116,6 +117,15 @@ class PipelineOptions:
     # Materialises, scores and uploads the final model (16 GB of weights for an 8B).
     export_timeout_s: int = 3 * 60 * 60
     release_timeout_s: int = 5 * 60  # deletes one lease object
+    # MLflow, for the tasks that track (preflight, finetune, seed, commit, export), where the
+    # run's `tracking_uri` is empty and KFP's MLflow plugin injects none: the tracking URI
+    # from this ConfigMap (manifests/base/mlflow-client-configmap.yaml), credentials (basic
+    # auth or a token, as MLflow reads them) from this Secret; both optional, never parameters.
+    mlflow_client_config_map: str = "cycleqd-mlflow-client"
+    mlflow_auth_secret: str = "cycleqd-mlflow-auth"
+    # The Kubeflow UI's address (e.g. https://kubeflow.example.com/pipeline): MLflow runs then
+    # link to their Kubeflow run's page. Empty: no link.
+    kfp_ui_url: str = ""
 
 
 def _with_s3_secret(
@@ -130,6 +140,30 @@ def _with_s3_secret(
     )
     kubernetes.set_timeout(task, timeout_s)
     return task.set_caching_options(False)
+
+
+MLFLOW_AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def _tracks(task: dsl.PipelineTask, options: PipelineOptions) -> dsl.PipelineTask:
+    """A task that records to MLflow: where to (a ConfigMap), as whom (a Secret), from which
+    image, and the Kubeflow UI's address for the runs' links."""
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=options.mlflow_client_config_map,
+        config_map_key_to_env={"MLFLOW_TRACKING_URI": CLIENT_CONFIG_URI_ENV},
+        optional=True,
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=options.mlflow_auth_secret,
+        secret_key_to_env={k: k for k in MLFLOW_AUTH_ENV},
+        optional=True,
+    )
+    task.set_env_variable(IMAGE_ENV, task.component_spec.implementation.container.image)
+    if options.kfp_ui_url:
+        task.set_env_variable(KFP_UI_ENV, options.kfp_ui_url)
+    return task
 
 
 def _on_cpu(task: dsl.PipelineTask, options: PipelineOptions, timeout_s: int) -> dsl.PipelineTask:
@@ -232,7 +266,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                     run_owner=run_owner,
                     search_generations=search_generations,
                 )
-                _reads_models(_on_gpu(task, options, timeout_s), options)
+                _tracks(_reads_models(_on_gpu(task, options, timeout_s), options), options)
                 task.set_display_name(display_name)
 
         return planned_stage
@@ -288,16 +322,19 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
             scored.set_retry(
                 num_retries=options.evaluation_retries, backoff_duration="30s", backoff_factor=2
             )
-        _on_cpu(
-            commit(
-                campaign_config=campaign_config,
-                store_uri=campaign_store_uri,
-                tracking_uri=tracking_uri,
-                run_owner=run_owner,
-                search_generations=search_generations,
+        _tracks(
+            _on_cpu(
+                commit(
+                    campaign_config=campaign_config,
+                    store_uri=campaign_store_uri,
+                    tracking_uri=tracking_uri,
+                    run_owner=run_owner,
+                    search_generations=search_generations,
+                ),
+                options,
+                options.commit_timeout_s,
             ),
             options,
-            options.commit_timeout_s,
         ).set_display_name("commit archives").after(scored)
 
     @dsl.pipeline(
@@ -346,6 +383,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 options,
                 copies=False,  # headers and config.json only
             ).set_display_name("preflight")
+            _tracks(checked, options)  # checks that MLflow answers
             with dsl.ParallelFor(
                 checked.output,
                 parallelism=options.finetune_parallelism or options.parallelism,
@@ -365,6 +403,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                     options,
                     copies=False,  # run_finetune fetches the base itself
                 ).set_display_name("fine-tune expert")
+                _tracks(trained, options)
                 trained.set_retry(
                     num_retries=options.finetune_retries, backoff_duration="60s", backoff_factor=2
                 )

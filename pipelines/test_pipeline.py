@@ -209,6 +209,40 @@ def test_database_password_only_where_skills_are_scored():
             assert secrets == [], name
 
 
+TRACKING_TASKS = {"preflight", "finetune", "seed", "commit", "export"}
+
+
+def test_the_tasks_that_track_find_mlflow_and_its_credentials_by_name_only():
+    """MLflow's address from the cycleqd-mlflow-client ConfigMap and its credentials from the
+    cycleqd-mlflow-auth Secret (both optional), in the tasks that record to MLflow only; the
+    image each runs in, for the runs' tags. Never a parameter or a value in the YAML."""
+    _, platform = _documents(COMPILED)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    spec, _ = _documents(COMPILED)
+    for name, config in executors.items():
+        auth = [
+            s for s in config.get("secretAsEnv", []) if s.get("secretName") == "cycleqd-mlflow-auth"
+        ]
+        client = [
+            c
+            for c in config.get("configMapAsEnv", [])
+            if c.get("configMapName") == "cycleqd-mlflow-client"
+        ]
+        if _task(name) in TRACKING_TASKS:
+            assert len(auth) == 1 and auth[0]["optional"] is True, name
+            assert {k["envVar"] for k in auth[0]["keyToEnv"]} == {
+                "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_TRACKING_TOKEN",
+            }
+            assert len(client) == 1 and client[0]["optional"] is True, name
+            container = spec["deploymentSpec"]["executors"][name]["container"]
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env["CYCLEQD_IMAGE"] == container["image"]
+        else:
+            assert auth == [] and client == [], name
+
+
 def test_every_task_has_a_deadline_of_its_stage():
     """A hung pod is stopped (activeDeadlineSeconds) instead of holding its node or GPU."""
     options = PipelineOptions()

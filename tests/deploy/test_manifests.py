@@ -27,6 +27,12 @@ SECRET_KEYS = {
     "cycleqd-mlflow-db": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
     # the db skill's password, as the compiled pipeline maps it (PipelineOptions.db_secret)
     "cycleqd-db": {"CYCLEQD_DB_PASSWORD"},
+    # MLflow's client login, as the compiled pipeline maps it (PipelineOptions.mlflow_auth_secret)
+    "cycleqd-mlflow-auth": {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    },
 }
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")
 
