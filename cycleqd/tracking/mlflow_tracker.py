@@ -95,6 +95,7 @@ log = logging.getLogger(__name__)
 Attach = Literal["campaign", "generation"]
 
 _PARENT_RUN_TAG = "mlflow.parentRunId"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a LoggedModel's registered versions
 
 
 # -- snapshots: what an event needs, copied out of the live campaign ---------------------------
@@ -1000,6 +1001,15 @@ class MLflowTracker:
         registered = next((v for v in versions if v.source == source), None)
         if registered is None:
             registered = self._create_version(gid, name, source, uri, sha256)
+        # The LoggedModel's page lists its registered versions from this tag, which
+        # `mlflow.register_model` writes and `create_model_version` does not.
+        model = client.get_logged_model(model_id)
+        listed = json.loads(model.tags.get(MODEL_VERSIONS_TAG, "[]"))
+        entry = {"name": name, "version": str(registered.version)}
+        if entry not in listed:
+            client.set_logged_model_tags(
+                model_id, {MODEL_VERSIONS_TAG: json.dumps([*listed, entry])}
+            )
         # The latest final model is the one to serve: `models:/<name>@champion`.
         client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)
 

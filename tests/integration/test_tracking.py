@@ -10,6 +10,7 @@ campaign's genome book.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -688,6 +689,13 @@ def test_the_ui_opens_model_development_with_a_champion_and_the_kfp_run(
     assert top.data.tags["cycleqd.image"] == "ghcr.io/cycleqd/cpu-tools:1.0"
     champion = client.get_model_version_by_alias("ui-final", "champion")
     assert champion.tags["cycleqd.genome_id"] == final[0]
+    # The LoggedModel lists its registered version (its page's "Model versions") and each
+    # score once.
+    model = client.get_logged_model(champion.source.removeprefix("models:/"))
+    listed = json.loads(model.tags["mlflow.modelVersions"])
+    assert listed == [{"name": "ui-final", "version": str(champion.version)}]
+    keys = [m.key for m in model.metrics]
+    assert sorted(keys) == sorted(set(keys)) == sorted(f"score.{s}" for s in final[1])
 
 
 def test_pipeline_tasks_track_where_mlflow_tracking_uri_points(tmp_path, monkeypatch):
