@@ -33,7 +33,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 class Constants:
     # -- the campaign ---------------------------------------------------------------------------
     children: int = 1200  # the paper's search (Kuroki et al., ICLR 2025, section 4)
-    gpus: int = 8  # the paper's setup, and the issue's
+    gpus: int = 8  # the paper's setup
     # Llama-3-8B in bfloat16: 8.03e9 parameters x 2 bytes (the model card's parameter count).
     model_gb: float = 16.06
     models_per_pod: int = 4  # base + three experts, copied into each evaluation pod's cache
@@ -49,12 +49,12 @@ class Constants:
     # S3 -> pod copy bandwidth (stated: one pod, parallel ranged GETs on a 25 Gbit/s NIC is
     # ~3 GB/s at best; 1 GB/s leaves room for a shared object store).
     s3_gb_per_s: float = 1.0
-    # Weight loading into the GPU from local disk: 21.82 GiB in ~18 s (vllm-project/vllm issue
-    # 44881's startup breakdown) -> 1.3 GB/s.
+    # Weight loading into the GPU from local disk: 21.82 GiB in ~18 s (the startup breakdown
+    # in vllm-project/vllm#44881) -> 1.3 GB/s.
     disk_to_gpu_gb_per_s: float = 21.82 * 1.074 / 18
-    # -- vLLM engine start, weights excluded (vllm issue 44881's breakdown): container init to
-    # engine config ~16 s, torch.compile from its cache ~5 s; CUDA graph capture and KV-cache
-    # profiling for a dense 8B: assumed 20 s (that issue's 210 s was an sm_120 FP4 case).
+    # -- vLLM engine start, weights excluded (the same breakdown): container init to engine
+    # config ~16 s, torch.compile from its cache ~5 s; CUDA graph capture and KV-cache
+    # profiling for a dense 8B: assumed 20 s (that report's 210 s was an sm_120 FP4 case).
     engine_start_s: float = 16.0 + 5.0 + 20.0
     # In-place weight swap of a child on the GPU: the merge reads base + experts (4 x 16 GB)
     # from host memory over PCIe 5 (~50 GB/s effective: assumed) and writes 16 GB on the GPU;
