@@ -12,6 +12,7 @@ Options are plain pydantic models (no torch): a config validates anywhere.
 
 from __future__ import annotations
 
+from abc import ABC
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Generic, TypeVar, Union, get_args
 
@@ -24,8 +25,9 @@ class VariantOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Variant:
-    """A variant of a family; subclasses set `options`, the model of their config entry."""
+class Variant(ABC):
+    """A variant of a family; subclasses set `options`, the model of their config entry (a
+    subclass that misses an abstract method fails when it is registered)."""
 
     options: ClassVar[type[VariantOptions]]
 

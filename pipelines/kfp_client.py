@@ -137,15 +137,19 @@ def pipeline_version(
 
 
 def _find_version(client: Any, pipeline_id: str, version_name: str) -> str | None:
+    listed = _listed(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline_id)
+    return next((v.pipeline_version_id for v in listed if v.display_name == version_name), None)
+
+
+def _listed(list_page: Any, field: str, **query: Any) -> Iterator[Any]:
+    """Every item of a paged kfp.Client listing (`list_pipeline_versions`, ...)."""
     token = ""
     while True:
-        page = client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100)
-        for version in page.pipeline_versions or []:
-            if version.display_name == version_name:
-                return version.pipeline_version_id
+        page = list_page(page_token=token, page_size=100, **query)
+        yield from getattr(page, field) or []
         token = page.next_page_token
         if not token:
-            return None
+            return
 
 
 def submit(
@@ -210,12 +214,10 @@ def schedule(
 def _recurring_runs_named(
     client: Any, experiment_id: str, namespace: str | None, name: str
 ) -> list[str]:
-    ids, token = [], ""
-    while True:
-        page = client.list_recurring_runs(
-            experiment_id=experiment_id, namespace=namespace, page_size=100, page_token=token
-        )
-        ids += [r.recurring_run_id for r in page.recurring_runs or [] if r.display_name == name]
-        token = page.next_page_token
-        if not token:
-            return ids
+    listed = _listed(
+        client.list_recurring_runs,
+        "recurring_runs",
+        experiment_id=experiment_id,
+        namespace=namespace,
+    )
+    return [r.recurring_run_id for r in listed if r.display_name == name]

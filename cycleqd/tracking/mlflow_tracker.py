@@ -1000,7 +1000,7 @@ class MLflowTracker:
         versions = client.search_model_versions(f"name = {_quote(name)}")
         registered = next((v for v in versions if v.source == source), None)
         if registered is None:
-            registered = self._create_version(gid, name, source, uri, sha256)
+            registered = self._create_version(gid, model_id, name, uri, sha256)
         # The LoggedModel's page lists its registered versions from this tag, which
         # `mlflow.register_model` writes and `create_model_version` does not.
         model = client.get_logged_model(model_id)
@@ -1013,12 +1013,11 @@ class MLflowTracker:
         # The latest final model is the one to serve: `models:/<name>@champion`.
         client.set_registered_model_alias(name, CHAMPION_ALIAS, registered.version)
 
-    def _create_version(self, gid: str, name: str, source: str, uri: str, sha256: str):
-        model_id = self._models[gid]
+    def _create_version(self, gid: str, model_id: str, name: str, uri: str, sha256: str):
         with self._registry_scope():
             return self.client.create_model_version(
                 name,
-                source=source,
+                source=f"models:/{model_id}",
                 run_id=self._genome_runs.get(gid),
                 tags={
                     f"{T}genome_id": gid,
