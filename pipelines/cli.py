@@ -26,6 +26,7 @@ def _options(args: argparse.Namespace):
         models_pvc=args.models_pvc,
         models_mount_path=args.models_mount_path,
         model_cache_size=args.model_cache_size,
+        kfp_ui_url=args.kfp_ui_url,
     )
 
 
@@ -343,6 +344,12 @@ def _add_commands(sub) -> None:
             default="100Gi",
             help="emptyDir for each pod's copies of s3:// models (seed, evaluate, export); "
             "'' for none (default 100Gi)",
+        )
+        parser.add_argument(
+            "--kfp-ui-url",
+            default="",
+            help="the Kubeflow UI's address (e.g. https://kubeflow.example.com/pipeline): "
+            "MLflow runs link to their Kubeflow run's page (default: no link)",
         )
 
     compile_ = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")

@@ -303,3 +303,15 @@ def test_seed_and_export_start_a_gpu_only_when_planned_on_the_cpu():
     assert dag["cycleqd-generation"]["dependentTasks"] == ["cycleqd-seed"]
     last = f"cycleqd-generation-{PipelineOptions().generations_per_run}"
     assert exporting["dependentTasks"] == [last]
+
+
+def test_the_kubeflow_ui_address_reaches_the_tracking_tasks(tmp_path):
+    from cycleqd_kfp.pipelines import cli
+
+    url = "https://kubeflow.example.com/pipeline"
+    path = tmp_path / "p.yaml"
+    assert cli.main(["compile", "--output", str(path), "--kfp-ui-url", url]) == 0
+    spec, _ = _documents(path)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        assert env.get("CYCLEQD_KFP_UI") == (url if _task(name) in TRACKING_TASKS else None), name

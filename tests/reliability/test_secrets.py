@@ -477,6 +477,7 @@ def test_compiled_pipeline_and_submit_arguments_hold_no_credential(
         models_pvc="",
         models_mount_path="/models",
         model_cache_size="100Gi",
+        kfp_ui_url="",
     )
     arguments = kfp_cli._arguments(args)
     scan.check_all("submit/schedule run parameter", (f"{k}={v}" for k, v in arguments.items()))
