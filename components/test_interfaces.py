@@ -29,6 +29,7 @@ def test_the_components_are_the_pipelines_stages():
         "preflight",
         "release",
         "seed",
+        "start_evaluators",
     ]
 
 
@@ -38,7 +39,7 @@ def test_every_input_and_output_is_described_in_the_compiled_spec(name, tmp_path
     path = tmp_path / f"{name}.yaml"
     compiler.Compiler().compile(component, str(path))
     assert component.component_spec.description
-    interface = yaml.safe_load(path.read_text())["components"][f"comp-{name}"]
+    interface = yaml.safe_load(path.read_text())["components"][f"comp-{name.replace('_', '-')}"]
     described = {}
     for side in ("inputDefinitions", "outputDefinitions"):
         for kind in ("parameters", "artifacts"):

@@ -240,7 +240,9 @@ class Campaign:
             specs, tensors = self.materializer.specs(), self.materializer.tensors(genome_id)
             with self.store.staged_model(genome_id, specs, tensors) as staged:
                 weights = staged.weights
-                if self.evaluator.takes_requests:
+                if self.evaluator.reads_locations:
+                    scores = self._score_staged_remotely(genome_id, staged)
+                elif self.evaluator.takes_requests:
                     request = {"kind": "safetensors", "path": str(weights.folder)}
                     scores = self._timed_request(genome_id, request)
                 else:
@@ -264,6 +266,19 @@ class Campaign:
         into = self.evaluator.weight_buffers()
         return self._timed_evaluate(genome_id, self.materializer.tensors(genome_id, into=into))
 
+    def _score_staged_remotely(self, genome_id: str, staged) -> dict[str, float]:
+        """An evaluator in another pod cannot read this pod's scratch folder: the weights go
+        to the store's staging area for it to read, and are deleted there after scoring."""
+        staged.publish("staging")
+        try:
+            request = {
+                "kind": "safetensors",
+                "location": self.store.model_uri(genome_id, "staging"),
+            }
+            return self._timed_request(genome_id, request)
+        finally:
+            self.store.delete_model(genome_id, "staging")
+
     def _genome_request(self, genome_id: str) -> dict:
         """The recipe a `takes_requests` evaluator builds the genome from, with a local folder
         for every genome in its lineage that has weights (the base, the experts, stored
@@ -271,7 +286,12 @@ class Campaign:
         from cycleqd.generate.vllm_worker import genome_request
         from cycleqd.model_sources import local_folder
 
-        folders = self.model_folders()
+        remote = self.evaluator.reads_locations
+        folders = (
+            {gid: source.location for gid, source in self._models.items()}
+            if remote
+            else self.model_folders()
+        )
         lineage, frontier = set(), [genome_id]
         while frontier:  # only the genome's own ancestors can be stored weights it reads
             gid = frontier.pop()
@@ -280,8 +300,15 @@ class Campaign:
                 frontier.extend(self.book[gid].parents)
         for gid in sorted(lineage):
             if self._resolve(gid) is not None:
-                folders[gid] = str(local_folder(self.store.model_uri(gid), "stored elite"))
-        return genome_request(self.book, genome_id, folders, dtype=self.config.dtype)
+                uri = self.store.model_uri(gid)
+                folders[gid] = uri if remote else str(local_folder(uri, "stored elite"))
+        return genome_request(
+            self.book,
+            genome_id,
+            folders,
+            dtype=self.config.dtype,
+            field="locations" if remote else "folders",
+        )
 
     def _timed_request(self, genome_id: str, request: dict) -> dict[str, float]:
         started = time.perf_counter()

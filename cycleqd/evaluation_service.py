@@ -66,10 +66,21 @@ def _request(path: str, message: dict, timeout: float | None = None) -> dict | N
     return json.loads(line) if line.endswith(b"\n") else None
 
 
-def evaluate_children(config_yaml: str, store_uri: str, genome_ids: list[str]) -> list[dict]:
-    """What an evaluation task does: the run's server scores the children where there is one,
-    else this process does (`steps.evaluate_many`). The server's way imports neither torch
+def evaluate_children(
+    config_yaml: str, store_uri: str, genome_ids: list[str], run_owner: str = ""
+) -> list[dict]:
+    """What an evaluation task does: the run's warm evaluators score the children where the
+    run started some (`cycleqd.warm_evaluators`), else a local run's server where there is
+    one, else this process (`steps.evaluate_many`). The server's way imports neither torch
     nor the campaign's modules here."""
+    if run_owner:
+        from cycleqd.warm_evaluators import registry_for
+
+        registry = registry_for(store_uri, run_owner)
+        if registry is not None:
+            from cycleqd.evaluator_pool import evaluate_with_pool
+
+            return evaluate_with_pool(config_yaml, store_uri, genome_ids, registry)
     records = evaluate_remote(config_yaml, store_uri, genome_ids)
     if records is None:
         from cycleqd import steps

@@ -40,6 +40,10 @@ class LazyEvaluator(EvaluatorBase):
     def takes_requests(self) -> bool:  # type: ignore[override]
         return self.evaluator.takes_requests
 
+    @property
+    def reads_locations(self) -> bool:  # type: ignore[override]
+        return self.evaluator.reads_locations
+
     def evaluate_request(self, genome_id: str, request: dict) -> dict[str, float]:
         return self.evaluator.evaluate_request(genome_id, request)
 
@@ -69,9 +73,14 @@ def check_skills_can_run(config: CampaignConfig) -> None:
     """Fail fast, before any model is loaded, where the backend or the sandbox that the
     skills need cannot run here (what to install is in the message)."""
     from cycleqd.generate.factory import check_backend
-    from cycleqd.skills.registry import REGISTRY
 
     check_backend(config.evaluation.backend)
+    _check_sandbox(config)
+
+
+def _check_sandbox(config: CampaignConfig) -> None:
+    from cycleqd.skills.registry import REGISTRY
+
     sandboxed = [s for s in config.skills if s.name in REGISTRY and REGISTRY[s.name].needs_sandbox]
     if sandboxed or config.evaluation.humaneval:
         from cycleqd.sandbox import get_backend
@@ -98,20 +107,27 @@ def preflight_evaluation(config: CampaignConfig) -> None:
         check_skills_can_run(config)
 
 
-def skills_evaluator(config: CampaignConfig, skills=None):
+def skills_evaluator(config: CampaignConfig, skills=None, backend=None):
     """The campaign's skills over one warm backend loaded with the base model (children's
     weights are swapped in per evaluation). `skills`: entries to use instead of the config's
-    (e.g. the same skills on held-out questions)."""
+    (e.g. the same skills on held-out questions). `backend`: one that is already warm (a warm
+    evaluator's `ServerBackend`); the config's is built otherwise."""
     from cycleqd.generate.factory import build_backend
     from cycleqd.skills.evaluator import SkillsEvaluator
     from cycleqd.skills.registry import build_skill
 
-    check_skills_can_run(config)
-    backend_config = config.evaluation.backend
+    if backend is None:
+        check_skills_can_run(config)
+    else:
+        _check_sandbox(config)
     built = [build_skill(entry) for entry in (skills or config.skills)]
-    backend = build_backend(
-        backend_config, str(base_folder(config.models.base)), config.dtype, seed=config.seed
-    )
+    if backend is None:
+        backend = build_backend(
+            config.evaluation.backend,
+            str(base_folder(config.models.base)),
+            config.dtype,
+            seed=config.seed,
+        )
     reports = []
     if config.evaluation.humaneval:
         from cycleqd.generate.retention import HumanEvalReport

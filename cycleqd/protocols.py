@@ -51,6 +51,9 @@ class Evaluator(Protocol):
     - `takes_requests` (True) and `evaluate_request(genome_id, request)`: the model is built
       where it runs (vLLM's GPU workers) from a small recipe (`vllm_worker.genome_request`),
       so no tensor is materialised in this process;
+    - `reads_locations` (True, with `takes_requests`): the model is built in another pod (a
+      warm evaluator), so requests name models by location (s3:// or a shared path), never
+      by this process's folders;
     - `samples(genome_id) -> dict | None`: the per-sample details of the genome it scored
       last, kept in the store as its transcripts.
     """
@@ -63,6 +66,7 @@ class EvaluatorBase(ABC):
     override the ones they offer, and callers use them without probing."""
 
     takes_requests: bool = False
+    reads_locations: bool = False
 
     @abstractmethod
     def evaluate(self, genome_id: str, tensors: Tensors) -> dict[str, float]: ...
@@ -109,6 +113,10 @@ class _DuckTypedEvaluator(EvaluatorBase):
     @property
     def takes_requests(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.inner, "takes_requests", False))
+
+    @property
+    def reads_locations(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "reads_locations", False))
 
     def evaluate_request(self, genome_id: str, request: dict) -> dict[str, float]:
         return self.inner.evaluate_request(genome_id, request)  # type: ignore[attr-defined]

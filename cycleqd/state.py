@@ -21,6 +21,11 @@ Keys under the campaign's store:
     training/<skill>.jsonl            the derived training set an expert was trained on
     checkpoints/experts/<skill>/      a fine-tuning run's checkpoints (deleted once published)
     preflight/<random>                a probe that preflight writes and deletes at once
+    staging/<genome id>/              a child's weights, while a warm evaluator in another pod
+                                      scores it (deleted after)
+    runs/<run>/evaluators.json        a run's warm evaluators: addresses, token, what started
+                                      them (deleted by the run's exit handler)
+    runs/<run>/holds/<evaluator>.json which task uses an evaluator now, until when
 
 Every key is formatted here (the `*_key` and `*_prefix` methods), nowhere else.
 
@@ -73,7 +78,7 @@ from cycleqd.weights import (
 if TYPE_CHECKING:
     import torch
 
-AREAS = ("models", "exports")
+AREAS = ("models", "exports", "staging")
 WEIGHTS_FILE = "model.safetensors"  # a stored model's weights, in models/<id>/ or exports/<id>/
 EXPORT_SCORES = "scores.json"  # beside an export's weights: the scores it was exported with
 SNAPSHOTS_KEPT = 20  # the latest snapshots kept (see CampaignStore.prune_snapshots)
@@ -417,6 +422,16 @@ class CampaignStore:
         return f"pending/{int(generation):06d}.json"
 
     @staticmethod
+    def evaluators_key(owner: str) -> str:
+        return f"{_run_folder(owner)}/evaluators.json"
+
+    @staticmethod
+    def evaluator_hold_key(owner: str, evaluator: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", evaluator):
+            raise ValueError(f"evaluator name {evaluator!r}: letters, digits, '_.-' only")
+        return f"{_run_folder(owner)}/holds/{evaluator}.json"
+
+    @staticmethod
     def evaluation_key(genome_id: str) -> str:
         return f"evaluations/{genome_id}.json"
 
@@ -559,8 +574,8 @@ class CampaignStore:
                 files[name] = Path(tmp) / name
                 files[name].write_text(text)
 
-            def publish() -> None:
-                prefix = _model_prefix(area, genome_id)
+            def publish(into: str = area) -> None:
+                prefix = _model_prefix(into, genome_id)
                 publish_model(self.store, prefix, files, {"genome": genome_id})
 
             yield StagedModel(SafetensorsFolder(tmp), sha, publish)
@@ -583,7 +598,7 @@ class StagedModel:
 
     weights: SafetensorsFolder
     sha256: str
-    publish: Callable[[], None]
+    publish: Callable[..., None]  # publish(area="models" or the area it was staged for)
 
 
 def _content_sha256(store: ObjectStore, key: str, chunk: int = 64 << 20) -> str:
@@ -595,6 +610,14 @@ def _content_sha256(store: ObjectStore, key: str, chunk: int = 64 << 20) -> str:
         digest.update(block)
         start += len(block)
     return digest.hexdigest()
+
+
+def _run_folder(owner: str) -> str:
+    """A run's folder: its id where that is a plain name (KFP's run ids are UUIDs), else a
+    digest of it, so that no run id can name a key outside runs/."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", owner) and owner.strip(".") == owner:
+        return f"runs/{owner}"
+    return f"runs/{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
 
 
 def _area(area: str) -> str:

@@ -317,8 +317,14 @@ def final_model_card(export_summary: dict) -> dict:
 
 
 def release(store_uri: str, owner: str) -> None:
-    """Give back a run's lease (the pipeline's exit handler), whatever happened before."""
-    CampaignStore(store_uri, owner=owner).release(shared=True)
+    """What the pipeline's exit handler does, whatever happened before: stop the run's warm
+    evaluators (if it started any), then give back its lease."""
+    from cycleqd import warm_evaluators
+
+    try:
+        warm_evaluators.stop(store_uri, owner)
+    finally:
+        CampaignStore(store_uri, owner=owner).release(shared=True)
 
 
 def elite_maps_html(config_yaml: str, store_uri: str) -> str:

@@ -51,6 +51,7 @@ from cycleqd_kfp.components.plan.component import plan
 from cycleqd_kfp.components.preflight.component import preflight
 from cycleqd_kfp.components.release.component import release
 from cycleqd_kfp.components.seed.component import seed
+from cycleqd_kfp.components.start_evaluators.component import start_evaluators
 
 COMPILED = Path(__file__).with_name("cycleqd_pipeline.yaml")
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
@@ -65,6 +66,15 @@ class PipelineOptions:
     # Evaluation tasks per generation, run at once: the number of GPUs to use. The children
     # of a generation are dealt among them, each task keeping one warm engine for its share.
     parallelism: int = 4
+    # Warm evaluators (docs/warm_evaluators.md): this many engines (`vllm serve` pods, one per
+    # `gpus_per_evaluation` GPUs; local processes under kfp.local) started once per run and
+    # kept for all its generations; each scores children one after another with in-place
+    # weight swaps. The generation's children are then dealt to as many evaluation tasks,
+    # CPU pods that hold an evaluator per child and run the skills' checkers. 0: none; every
+    # evaluation task starts its own engine on its own GPU.
+    warm_evaluators: int = 0
+    evaluator_launcher: str = "auto"  # kubernetes inside a pod, local processes elsewhere
+    evaluator_start_timeout_s: int = 10 * 60  # creates the objects; engines warm up later
     s3_secret: str = "cycleqd-s3"
     gpu_resource: str = "nvidia.com/gpu"
     gpus_per_evaluation: int = 1
@@ -226,7 +236,40 @@ def _reads_models(
     return task
 
 
+def _on_cpu_with_evaluators(
+    task: dsl.PipelineTask, options: PipelineOptions, timeout_s: int
+) -> dsl.PipelineTask:
+    """An evaluation task whose engine is a warm evaluator: no GPU, but the evaluation's CPU
+    and memory (it runs the skills' checkers, and materialises children off the experts'
+    span to stage them for the evaluator)."""
+    task.set_cpu_request(options.evaluation_cpu).set_memory_request(options.evaluation_memory)
+    return _with_s3_secret(task, options, timeout_s)
+
+
+def evaluator_settings_json(options: PipelineOptions) -> str:
+    """The Kubernetes launcher's settings for the run's evaluators: the evaluation tasks'
+    GPU, memory, secrets and volumes, now in the evaluator pods."""
+    from cycleqd.evaluator_launch.kubernetes import KubernetesEvaluatorSettings
+
+    return KubernetesEvaluatorSettings(
+        s3_secret=options.s3_secret,
+        gpu_resource=options.gpu_resource,
+        gpus=options.gpus_per_evaluation,
+        cpu=options.evaluation_cpu,
+        memory=options.evaluation_memory,
+        shared_memory=options.shared_memory,
+        model_cache_size=options.model_cache_size or "100Gi",
+        models_pvc=options.models_pvc or None,
+        models_mount_path=options.models_mount_path,
+        tolerations=({"key": options.gpu_resource, "operator": "Exists", "effect": "NoSchedule"},),
+    ).to_json()
+
+
 def build_pipeline(options: PipelineOptions = PipelineOptions()):
+    warm = options.warm_evaluators > 0
+    # The evaluation tasks of a generation: one per warm evaluator, or one per GPU.
+    evaluation_tasks = options.warm_evaluators if warm else options.parallelism
+
     def only_if_planned(
         stage: str, component: Callable[..., dsl.PipelineTask], timeout_s: int, display_name: str
     ):
@@ -300,25 +343,25 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 campaign_config=campaign_config,
                 store_uri=campaign_store_uri,
                 run_owner=run_owner,
-                shards=options.parallelism,
+                shards=evaluation_tasks,
                 search_generations=search_generations,
             ),
             options,
             options.breed_timeout_s,
         ).set_display_name("breed")
-        with dsl.ParallelFor(bred.output, parallelism=options.parallelism) as genome_ids:
-            scored = _reads_models(
-                _on_gpu(
-                    evaluate(
-                        campaign_config=campaign_config,
-                        store_uri=campaign_store_uri,
-                        genome_ids=genome_ids,
-                    ),
-                    options,
-                    options.evaluation_timeout_s,
-                ),
-                options,
-            ).set_display_name("evaluate children")
+        with dsl.ParallelFor(bred.output, parallelism=evaluation_tasks) as genome_ids:
+            scoring = evaluate(
+                campaign_config=campaign_config,
+                store_uri=campaign_store_uri,
+                genome_ids=genome_ids,
+                run_owner=run_owner,
+            )
+            placed = (
+                _on_cpu_with_evaluators(scoring, options, options.evaluation_timeout_s)
+                if warm
+                else _on_gpu(scoring, options, options.evaluation_timeout_s)
+            )
+            scored = _reads_models(placed, options).set_display_name("evaluate children")
             scored.set_retry(
                 num_retries=options.evaluation_retries, backoff_duration="30s", backoff_factor=2
             )
@@ -420,6 +463,21 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                 .set_caching_options(False)
                 .after(trained)
             )
+            started = None
+            if warm:  # engines warm up while the experts train and the archives are seeded
+                started = _on_cpu(
+                    start_evaluators(
+                        campaign_config=campaign_config,
+                        store_uri=campaign_store_uri,
+                        run_owner=run_owner,
+                        count=options.warm_evaluators,
+                        launcher=options.evaluator_launcher,
+                        settings_json=evaluator_settings_json(options),
+                    ),
+                    options,
+                    options.evaluator_start_timeout_s,
+                ).set_display_name("start warm evaluators")
+                started.after(checked)
             for index in range(options.generations_per_run):
                 previous = (
                     generation(**stage_arguments)
@@ -427,6 +485,8 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
                     .set_caching_options(False)
                     .after(previous)
                 )
+                if started is not None:
+                    previous.after(started)
             # Planned after the last commit: the final model is the last archives'.
             (
                 export_unless_exported(**stage_arguments)

@@ -111,8 +111,13 @@ class TransformersBackend:
     def generate(
         self, conversations: Sequence[Sequence[Message]], params: SamplingParams
     ) -> list[str]:
+        return self.generate_ids([self.encode(c) for c in conversations], params)
+
+    def generate_ids(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[str]:
+        """`generate` for prompts already encoded (`encode`): what a server that received
+        token ids runs, with the same batches and so the same replies."""
         start = time.perf_counter()
-        prompts = [self.encode(c) for c in conversations]
+        prompts = [list(p) for p in prompts]
         self.stats = GenerationStats(prompts=len(prompts))
         # Longest first: a batch that does not fit in memory fails at once, not at the end.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -14,9 +14,11 @@ prefix cache (`VLLMBackend` does): cached KV blocks of the old weights would oth
 reused for prompts that share a prefix, and scores would be silently wrong.
 
 Requests:
-    {"kind": "safetensors", "path": "/local/model/folder"}
+    {"kind": "safetensors", "path": "/local/model/folder"}  (or "location": an s3:// URI)
     {"kind": "genome", "genome_id": ..., "genomes": [records, parents first],
      "folders": {genome id: local folder with its weights}, "dtype": "bfloat16"}
+A warm evaluator in another pod (`cycleqd.evaluator_pool`) gets "locations" (s3:// URIs or
+shared paths) instead of "folders" and copies them once into its own model cache.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class WeightSwapExtension:
         """Load a new model's weights in place; returns the number of tensors loaded."""
         kind = request.get("kind")
         if kind == "safetensors":
-            tensors = stream_folder(request["path"])
+            tensors = stream_folder(request.get("path") or _local(request["location"]))
         elif kind == "genome":
             materializer = self._cycleqd_materializer(request)
             tensors = materializer.tensors(request["genome_id"])
@@ -73,6 +75,8 @@ class WeightSwapExtension:
             if record.get("id") not in book:
                 book.load_list([record])
         state["folders"].update(request.get("folders", {}))
+        for genome_id, location in request.get("locations", {}).items():
+            state["folders"].setdefault(genome_id, str(_local(location)))
 
         def resolve(genome_id: str):
             path = state["folders"].get(genome_id)
@@ -90,10 +94,17 @@ class WeightSwapExtension:
         return mat
 
 
-def genome_request(book, genome_id: str, folders: dict[str, str], dtype: str = "bfloat16") -> dict:
+def genome_request(
+    book,
+    genome_id: str,
+    folders: dict[str, str],
+    dtype: str = "bfloat16",
+    field: str = "folders",
+) -> dict:
     """The swap request for a genome: its lineage (base first, parents before children) as
-    JSON records, and the local folders of the genomes that have weights (the base, the
-    experts, stored elites). A few KB, whatever the model size."""
+    JSON records, and where the genomes that have weights (the base, the experts, stored
+    elites) are: local folders, or (`field="locations"`) locations another machine can read.
+    A few KB, whatever the model size."""
     records = {record["id"]: record for record in book.to_list()}
     order: list[str] = []
 
@@ -112,9 +123,17 @@ def genome_request(book, genome_id: str, folders: dict[str, str], dtype: str = "
         "kind": "genome",
         "genome_id": genome_id,
         "genomes": [records[gid] for gid in order],
-        "folders": {gid: str(folders[gid]) for gid in order if gid in folders},
+        field: {gid: str(folders[gid]) for gid in order if gid in folders},
         "dtype": dtype,
     }
+
+
+def _local(location: str):
+    """A local folder for a model location: a path, or an s3:// URI copied once into this
+    process's model cache (an evaluator on another machine than the task asking it)."""
+    from cycleqd.model_sources import local_folder
+
+    return local_folder(location)
 
 
 def stream_folder(path: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -50,6 +50,11 @@ class SkillsEvaluator(EvaluatorBase):
         """Whether children arrive as swap requests (vLLM) rather than tensors."""
         return getattr(self.backend, "weights_from", "tensors") == "requests"
 
+    @property
+    def reads_locations(self) -> bool:  # type: ignore[override]
+        """Whether the backend's model is in another process or pod (a warm evaluator)."""
+        return bool(getattr(self.backend, "reads_locations", False))
+
     def weight_buffers(self) -> dict[str, Any] | None:
         """The warm model's tensors, where the backend holds them in this process."""
         return None if self.takes_requests else self.backend.weight_buffers()
