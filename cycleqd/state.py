@@ -26,6 +26,8 @@ Keys under the campaign's store:
     runs/<run>/evaluators.json        a run's warm evaluators: addresses, token, what started
                                       them (deleted by the run's exit handler)
     runs/<run>/holds/<evaluator>.json which task uses an evaluator now, until when
+    runs/<run>/run.json               the generations a pipeline run committed (its exit
+                                      handler tells from it whether the run made progress)
 
 Every key is formatted here (the `*_key` and `*_prefix` methods), nowhere else.
 
@@ -420,6 +422,14 @@ class CampaignStore:
     @staticmethod
     def pending_key(generation: int) -> str:
         return f"pending/{int(generation):06d}.json"
+
+    @staticmethod
+    def run_key(owner: str) -> str:
+        return f"{_run_folder(owner)}/run.json"
+
+    @staticmethod
+    def run_prefix(owner: str) -> str:
+        return f"{_run_folder(owner)}/"
 
     @staticmethod
     def evaluators_key(owner: str) -> str:

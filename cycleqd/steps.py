@@ -219,6 +219,10 @@ def commit(
         generation = c.generation + 1
         pending = c.store.get_json(c.store.pending_key(generation))
         results = c.commit_next() if pending else []
+        if pending and owner:  # what this run did, for its exit handler (`release`)
+            record = c.store.get_json(c.store.run_key(owner)) or {"committed": []}
+            record["committed"] = sorted({*record["committed"], generation})
+            c.store.put_json(c.store.run_key(owner), record)
         summary = {
             "generation": c.generation,
             "committed": bool(pending),
@@ -316,15 +320,28 @@ def final_model_card(export_summary: dict) -> dict:
     }
 
 
-def release(store_uri: str, owner: str) -> None:
+def release(store_uri: str, owner: str, config_yaml: str = "", generations: int = 0) -> dict:
     """What the pipeline's exit handler does, whatever happened before: stop the run's warm
-    evaluators (if it started any), then give back its lease."""
+    evaluators (if it started any), give back its lease, and say where the campaign stands
+    (with its config): `done` (the target reached), `progressed` (this run committed a
+    generation), for the run's follow-up (`pipelines.continuation`)."""
     from cycleqd import warm_evaluators
 
+    store = CampaignStore(store_uri)
+    committed = (store.get_json(store.run_key(owner)) or {}).get("committed", []) if owner else []
+    latest = store.latest_generation()
+    state: dict = {"latest_generation": -1 if latest is None else latest}
+    if config_yaml:
+        target = load_config_text(config_yaml, generations).generations
+        state["done"] = latest is not None and latest >= target
+        state["progressed"] = bool(committed)
     try:
         warm_evaluators.stop(store_uri, owner)
     finally:
         CampaignStore(store_uri, owner=owner).release(shared=True)
+        if owner:
+            store.store.delete_prefix(store.run_prefix(owner))
+    return state
 
 
 def elite_maps_html(config_yaml: str, store_uri: str) -> str:

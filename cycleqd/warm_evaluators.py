@@ -98,7 +98,7 @@ def stop(store_uri: str, owner: str) -> bool:
     if registry is None:
         return False
     launcher_for(registry.launcher).stop(registry.__dict__)
-    store.store.delete_prefix(store.evaluators_key(owner).rsplit("/", 1)[0] + "/")
+    store.store.delete(store.evaluators_key(owner))
     return True
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cycleqd import cli as core
-from cycleqd.errors import CycleQDError
+from cycleqd.errors import ConfigError, CycleQDError
 from cycleqd.redact import redact_uri
 
 
@@ -27,6 +27,7 @@ def _options(args: argparse.Namespace):
         models_mount_path=args.models_mount_path,
         model_cache_size=args.model_cache_size,
         kfp_ui_url=args.kfp_ui_url,
+        warm_evaluators=args.warm_evaluators,
     )
 
 
@@ -82,19 +83,33 @@ def _run_local(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     side_by_side = max(1, min(cores, len(config.models.trained())))
     os.environ.setdefault(THREADS_ENV, str(max(1, cores // side_by_side)))
+    warm = args.warm_evaluators
+    if warm and config.evaluation.scorer != "skills":
+        raise ConfigError(
+            f"--warm-evaluators serve a chat model to the skills; evaluation.scorer "
+            f"{config.evaluation.scorer!r} scores in the task: leave the flag out"
+        )
     options = PipelineOptions(
         generations_per_run=remaining,
         parallelism=1,
         finetune_parallelism=side_by_side,
         model_cache_size="",
+        warm_evaluators=warm,
+        evaluator_launcher="local",
     )
     pipeline = build_pipeline(options)
     log_path = workdir / "kfp-local.log"
     print(f"task logs: {log_path}", flush=True)
+    if warm:
+        print(f"{warm} warm evaluator(s): local processes serving the base model", flush=True)
     with contextlib.ExitStack() as stack:
         if not args.evaluator_per_task:  # model loaded once, not once per evaluation task
+            # With warm evaluators the server only relays MLflow events: it loads no model.
             stack.enter_context(
-                evaluation_service(workdir / "evaluation-server.log", warm_config=config.to_yaml())
+                evaluation_service(
+                    workdir / "evaluation-server.log",
+                    warm_config=None if warm else config.to_yaml(),
+                )
             )
         stack.enter_context(_progress(CampaignStore(store_uri), config))
         stack.enter_context(_output_to(log_path))
@@ -230,6 +245,7 @@ def _arguments(args: argparse.Namespace) -> dict[str, str | int]:
         "campaign_store_uri": args.store,
         "tracking_uri": args.tracking_uri or "",
         "search_generations": generations,
+        "continue_until_done": bool(getattr(args, "continue_until_done", False)),
     }
 
 
@@ -312,6 +328,14 @@ def _add_commands(sub) -> None:
         help="kfp-local: every evaluation task loads its own model, as pods do on a cluster "
         "(default: one warm evaluation server serves them all)",
     )
+    run.add_argument(
+        "--warm-evaluators",
+        type=int,
+        default=0,
+        metavar="N",
+        help="kfp-local: N warm evaluators as local processes (the vLLM server API a "
+        "cluster run uses), children dealt among them; default 0: one evaluation server",
+    )
     run.set_defaults(handler=_run)
 
     def pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +368,15 @@ def _add_commands(sub) -> None:
             default="100Gi",
             help="emptyDir for each pod's copies of s3:// models (seed, evaluate, export); "
             "'' for none (default 100Gi)",
+        )
+        parser.add_argument(
+            "--warm-evaluators",
+            type=int,
+            default=0,
+            metavar="N",
+            help="start N warm evaluators per run (vllm serve pods, a GPU each) that score "
+            "every generation's children with in-place weight swaps; evaluation tasks then "
+            "run on the CPU (default 0: an engine per evaluation task)",
         )
         parser.add_argument(
             "--kfp-ui-url",
@@ -398,6 +431,13 @@ def _add_commands(sub) -> None:
             help="the runs' service account (manifests/ creates it)",
         )
         pipeline_options(parser)
+        if name == "submit":
+            parser.add_argument(
+                "--continue-until-done",
+                action="store_true",
+                help="when the run ends before the campaign's target, its exit handler starts "
+                "the next run (same version and parameters), until the target",
+            )
         if name == "schedule":
             parser.add_argument(
                 "--cron",

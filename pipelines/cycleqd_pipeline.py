@@ -126,7 +126,9 @@ class PipelineOptions:
     commit_timeout_s: int = 30 * 60  # a snapshot, garbage collection, MLflow, elite maps
     # Materialises, scores and uploads the final model (16 GB of weights for an 8B).
     export_timeout_s: int = 3 * 60 * 60
-    release_timeout_s: int = 5 * 60  # deletes one lease object
+    # Stops the warm evaluators, deletes the lease, and starts the next run or disables a
+    # finished schedule (a few API calls each).
+    release_timeout_s: int = 10 * 60
     # MLflow, for the tasks that track (preflight, finetune, seed, commit, export), where the
     # run's `tracking_uri` is empty and KFP's MLflow plugin injects none: the tracking URI
     # from this ConfigMap (manifests/base/mlflow-client-configmap.yaml), credentials (basic
@@ -389,6 +391,7 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
         campaign_store_uri: str,
         tracking_uri: str = "",
         search_generations: int = 0,
+        continue_until_done: bool = False,
     ):
         """Preflight, experts, seed, the unrolled generations, export (see the module doc).
 
@@ -403,13 +406,27 @@ def build_pipeline(options: PipelineOptions = PipelineOptions()):
             search_generations: Generations to reach (the campaign's target, counted from
                 its start, not from this run's); 0: the config's `generations`. The one
                 setting a later run of a campaign may change.
+            continue_until_done: When this run ends before the campaign's target, start the
+                next run (same pipeline version and parameters) from its exit handler, and
+                so on until the target; a run that made no progress starts none. Runs of a
+                recurring run need not: their schedule is disabled once the target is
+                reached.
         """
         run_owner = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         give_back = _on_cpu(
-            release(store_uri=campaign_store_uri, run_owner=run_owner),
+            release(
+                store_uri=campaign_store_uri,
+                run_owner=run_owner,
+                campaign_config=campaign_config,
+                search_generations=search_generations,
+                continue_until_done=continue_until_done,
+            ),
             options,
             options.release_timeout_s,
         ).set_display_name("release campaign")
+        # Kubeflow's PodDefault `access-ml-pipeline` gives the pod a token for the KFP API: the
+        # follow-up disables a finished recurring run or starts the next run.
+        kubernetes.add_pod_label(give_back, "access-ml-pipeline", "true")
         with dsl.ExitHandler(give_back, name="campaign"):
             checked = _reads_models(
                 _on_cpu(

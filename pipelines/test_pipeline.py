@@ -33,6 +33,7 @@ def test_compiled_yaml_loads_back_with_documented_parameters():
         "campaign_store_uri",
         "tracking_uri",
         "search_generations",
+        "continue_until_done",
     }
     # What the Kubeflow UI shows beside each parameter when a run is created (the loader
     # above does not read descriptions back: the compiled spec's root holds them).
@@ -315,3 +316,67 @@ def test_the_kubeflow_ui_address_reaches_the_tracking_tasks(tmp_path):
     for name, executor in spec["deploymentSpec"]["executors"].items():
         env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
         assert env.get("CYCLEQD_KFP_UI") == (url if _task(name) in TRACKING_TASKS else None), name
+
+
+def _warm_spec(tmp_path, warm: int = 3) -> tuple[dict, dict]:
+    compiled = compile_pipeline(tmp_path / "warm.yaml", PipelineOptions(warm_evaluators=warm))
+    return _documents(compiled)
+
+
+def test_with_warm_evaluators_a_run_starts_them_once_and_scores_on_the_cpu(tmp_path):
+    """One task starts the run's evaluators (on the CPU, after preflight, with a deadline);
+    the evaluation tasks, one per evaluator, ask for no GPU but the evaluation's CPU and
+    memory; every GPU a run uses is then in the evaluators (and seed, export, fine-tuning)."""
+    options = PipelineOptions(warm_evaluators=3)
+    spec, platform = _warm_spec(tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)  # every task has its deadline
+    start = executors["exec-start-evaluators"]["container"]
+    assert "accelerator" not in start.get("resources", {})
+    assert int(k8s["exec-start-evaluators"]["activeDeadlineSeconds"]) == (
+        options.evaluator_start_timeout_s
+    )
+    evaluations = [name for name in executors if _task(name) == "evaluate"]
+    assert evaluations
+    for name in evaluations:
+        resources = executors[name]["container"]["resources"]
+        assert "accelerator" not in resources, name
+        assert resources["resourceCpuRequest"] == options.evaluation_cpu
+        assert resources["resourceMemoryRequest"] == options.evaluation_memory
+        assert "tolerations" not in k8s[name]
+    dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    started = dag["start-evaluators"]
+    assert started["dependentTasks"] == ["preflight"]
+    arguments = started["inputs"]["parameters"]
+    assert arguments["count"]["runtimeValue"]["constant"] == 3
+    settings = yaml.safe_load(arguments["settings_json"]["runtimeValue"]["constant"])
+    assert settings["gpus"] == options.gpus_per_evaluation
+    assert settings["memory"] == options.evaluation_memory
+    assert settings["s3_secret"] == options.s3_secret
+    # Every generation waits for the evaluators to exist; its children go to 3 groups.
+    for name, task in dag.items():
+        if name.startswith("cycleqd-generation"):
+            assert "start-evaluators" in task["dependentTasks"], name
+    generation = spec["components"]["comp-cycleqd-generation"]["dag"]["tasks"]
+    assert generation["breed"]["inputs"]["parameters"]["shards"]["runtimeValue"]["constant"] == 3
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["evaluate"]
+    run_owner = loop["inputs"]["parameters"]["run_owner"]
+    assert run_owner["componentInputParameter"] == "pipelinechannel--run_owner"
+
+
+def test_without_warm_evaluators_nothing_starts_them():
+    spec, _ = _documents(COMPILED)
+    assert "exec-start-evaluators" not in spec["deploymentSpec"]["executors"]
+
+
+def test_the_exit_handler_releases_with_the_target_and_may_reach_the_kfp_api():
+    """The exit task knows the target (to disable a finished schedule, or continue a one-off
+    run) and carries the label of Kubeflow's PodDefault that gives it a KFP API token."""
+    spec, platform = _documents(COMPILED)
+    release = spec["root"]["dag"]["tasks"]["release"]
+    arguments = release["inputs"]["parameters"]
+    for name in ("campaign_config", "search_generations", "continue_until_done"):
+        assert arguments[name]["componentInputParameter"] == name
+    labels = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-release"]
+    assert labels["podMetadata"]["labels"] == {"access-ml-pipeline": "true"}
