@@ -121,8 +121,11 @@ def designs(c: Constants) -> dict[str, tuple[float, float]]:
     wall = first - later + generations * (per_child + generation_cpu)
     out["per-task engines, population 8"] = (wall, c.children * per_child)
     # Warm evaluators: started once per run; per generation a swap and a score per GPU, and
-    # the CPU tasks while the GPUs wait (GPUs are held for the whole run).
-    wall = first + generations * (c.swap_s + evaluate + generation_cpu)
+    # the CPU tasks while the GPUs wait (GPUs are held for the whole run): breed, commit, and
+    # the start of the evaluation tasks' CPU pods (they hold an evaluator per child and run
+    # the skills' checkers; pipelines/cycleqd_pipeline.py with warm_evaluators).
+    evaluation_pods = c.pod_start_s
+    wall = first + generations * (c.swap_s + evaluate + generation_cpu + evaluation_pods)
     out["warm evaluators, population 8"] = (wall, c.gpus * wall)
     return out
 

@@ -97,6 +97,8 @@ class EvaluatorService:
             with self.lock:
                 count = self.worker.swap_weights(*body.get("args", []))
                 self.stats["swaps"] += 1
+            request = (body.get("args") or [{}])[0]
+            log.info("swapped in %s (%d tensors)", request.get("genome_id", "a model"), count)
             return {"results": [count]}
         if path == "/reset_prefix_cache":
             return None  # the transformers backend keeps no cache across batches

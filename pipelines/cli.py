@@ -53,6 +53,12 @@ def _run_local(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config = core.prepare_config(args)
+    warm = args.warm_evaluators
+    if warm and config.evaluation.scorer != "skills":
+        raise ConfigError(
+            f"--warm-evaluators serve a chat model to the skills; evaluation.scorer "
+            f"{config.evaluation.scorer!r} scores in the task: leave the flag out"
+        )
     store_uri = args.store or str(workdir / "campaign")
     tracking_uri = "" if args.no_tracking else (args.tracking_uri or core.local_mlflow_uri(workdir))
     # The pipeline's preflight, here first: a mistake is one message, not a task's traceback
@@ -83,12 +89,6 @@ def _run_local(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     side_by_side = max(1, min(cores, len(config.models.trained())))
     os.environ.setdefault(THREADS_ENV, str(max(1, cores // side_by_side)))
-    warm = args.warm_evaluators
-    if warm and config.evaluation.scorer != "skills":
-        raise ConfigError(
-            f"--warm-evaluators serve a chat model to the skills; evaluation.scorer "
-            f"{config.evaluation.scorer!r} scores in the task: leave the flag out"
-        )
     options = PipelineOptions(
         generations_per_run=remaining,
         parallelism=1,
@@ -101,7 +101,10 @@ def _run_local(args: argparse.Namespace) -> int:
     log_path = workdir / "kfp-local.log"
     print(f"task logs: {log_path}", flush=True)
     if warm:
-        print(f"{warm} warm evaluator(s): local processes serving the base model", flush=True)
+        from cycleqd.evaluator_launch.local import LOGS_ENV
+
+        os.environ[LOGS_ENV] = str(workdir / "evaluators")
+        print(f"{warm} warm evaluator(s), local processes; logs: {workdir / 'evaluators'}")
     with contextlib.ExitStack() as stack:
         if not args.evaluator_per_task:  # model loaded once, not once per evaluation task
             # With warm evaluators the server only relays MLflow events: it loads no model.

@@ -53,3 +53,22 @@ def test_a_bad_config_or_target_fails_before_submitting(campaign_yaml, tmp_path)
     path.write_text(campaign_yaml)
     with pytest.raises(ConfigError, match="got -1"):
         cli._arguments(_args(str(path), search_generations=-1))
+
+
+def test_submit_continues_until_done_only_when_asked(campaign_yaml, tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(campaign_yaml)
+    assert cli._arguments(_args(str(path)))["continue_until_done"] is False
+    chained = cli._arguments(_args(str(path), continue_until_done=True))
+    assert chained["continue_until_done"] is True
+
+
+def test_warm_evaluators_on_a_probe_campaign_are_one_clear_error(campaign_yaml, tmp_path, capsys):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(campaign_yaml)
+    argv = ["run", "--config", str(path), "--workdir", str(tmp_path / "w"), "--no-tracking"]
+    assert cli.main([*argv, "--warm-evaluators", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--warm-evaluators serve a chat model to the skills" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "w" / "campaign").exists()  # nothing written

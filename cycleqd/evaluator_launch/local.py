@@ -23,12 +23,15 @@ from typing import Any
 
 from cycleqd.evaluator_launch.base import EvaluatorLauncher, EvaluatorSpec
 
+LOGS_ENV = "CYCLEQD_EVALUATOR_LOGS"  # where their logs go (`cycleqd run`: <workdir>/evaluators)
+
 
 class LocalProcessLauncher(EvaluatorLauncher):
     kind = "local"
 
     def __init__(self, log_folder: str | Path | None = None) -> None:
-        self.log_folder = Path(log_folder) if log_folder else None
+        chosen = log_folder or os.environ.get(LOGS_ENV)
+        self.log_folder = Path(chosen) if chosen else None
 
     def start(self, spec: EvaluatorSpec, token: str) -> dict[str, Any]:
         from cycleqd.evaluator_server import TOKEN_ENV
