@@ -391,3 +391,60 @@ def test_a_campaign_config_asking_for_vllm_gets_it_and_swaps_by_recipe(fake_vllm
             assert llm.calls[i + 1] == "reset_prefix_cache"
     assert campaign.generation == 2
     assert campaign.read_samples(campaign.book.expert_ids()["tiny_sql"])["tiny_sql"]["samples"]
+
+
+@gpu
+def test_vllm_serve_with_the_extension_swaps_by_location_as_a_warm_evaluator(gpu_world, tmp_path):
+    """A warm evaluator as the Kubernetes launcher runs it (`vllm serve`, the worker extension,
+    dev mode, the token as $VLLM_API_KEY), driven by the evaluation tasks' ServerBackend: a
+    swap by location changes the replies to the other model's, and back again."""
+    import os
+    import secrets
+    import socket
+    import subprocess
+
+    from cycleqd.evaluator_launch.base import EvaluatorSpec
+    from cycleqd.evaluator_launch.kubernetes import KubernetesEvaluatorSettings, KubernetesLauncher
+    from cycleqd.generate.server_backend import EvaluatorRequestError, ServerBackend
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = EvaluatorSpec(
+        owner="gpu-test",
+        count=1,
+        base_location=str(gpu_world["a"]),
+        dtype="float32",
+        max_model_len=1024,
+        gpu_memory_utilization=0.25,
+        extra_args=("--enforce-eager",),
+    )
+    command = KubernetesLauncher(KubernetesEvaluatorSettings(port=port)).command(spec)
+    token = secrets.token_urlsafe(16)
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_API_KEY": token}
+    with open(tmp_path / "vllm-serve.log", "wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        backend = ServerBackend(f"http://127.0.0.1:{port}", token)
+        deadline = time.monotonic() + 600
+        while not backend.healthy():
+            assert server.poll() is None, (tmp_path / "vllm-serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vllm serve did not answer /health in 600 s"
+            time.sleep(1)
+        before = backend.generate(CONVERSATIONS, PARAMS)
+        started = time.perf_counter()
+        backend.swap({"kind": "safetensors", "location": str(gpu_world["b"])})
+        swap_s = time.perf_counter() - started
+        after = backend.generate(CONVERSATIONS, PARAMS)
+        backend.swap({"kind": "safetensors", "location": str(gpu_world["a"])})
+        assert backend.generate(CONVERSATIONS, PARAMS) == before
+        assert after != before
+        with pytest.raises(EvaluatorRequestError, match="refused the token"):
+            ServerBackend(backend.url, "wrong").generate(CONVERSATIONS[:1], PARAMS)
+    finally:
+        server.terminate()
+        server.wait(60)
+    fresh = _engine(gpu_world["b"])
+    assert after == fresh.generate(CONVERSATIONS, PARAMS)
+    _shutdown(fresh)
+    print(f"\nvllm serve: swap by location {swap_s:.3f} s")
