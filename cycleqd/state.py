@@ -405,8 +405,9 @@ class CampaignStore:
         until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.expires_at))
         return (
             f"campaign {self.uri} is being written by another run (host {lease.host}, pid "
-            f"{lease.pid}) until {until}. Wait for it to finish; if it died, its lease expires "
-            "then, or delete lease.json from the campaign to take over now."
+            f"{lease.pid}, owner {lease.owner}: a Kubeflow run's id) until {until}. Wait for "
+            "it to finish, or stop that run; if it died, its lease expires then, or delete "
+            "lease.json from the campaign to take over now."
         )
 
     def check_writable(self) -> None:

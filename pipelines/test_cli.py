@@ -72,3 +72,20 @@ def test_warm_evaluators_on_a_probe_campaign_are_one_clear_error(campaign_yaml, 
     assert "--warm-evaluators serve a chat model to the skills" in err
     assert "Traceback" not in err
     assert not (tmp_path / "w" / "campaign").exists()  # nothing written
+
+
+def test_a_second_run_on_a_held_campaign_prints_the_lease_message(campaign_yaml, tmp_path, capsys):
+    """`cycleqd run` (kfp.local) on a campaign another run holds: one message naming the
+    holder and what to do, before kfp.local starts a task; nothing written."""
+    from cycleqd.state import CampaignStore
+
+    path = tmp_path / "campaign.yaml"
+    path.write_text(campaign_yaml)
+    store = tmp_path / "store"
+    CampaignStore(store, owner="other-run").acquire(settle=0)
+    argv = ["run", "--config", str(path), "--workdir", str(tmp_path / "w"), "--no-tracking"]
+    assert cli.main([*argv, "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "other-run" in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "kfp-local").exists()  # no task started
+    assert CampaignStore(store).read_lease().owner == "other-run"
