@@ -120,6 +120,14 @@ class ArchiveSet:
     def genome_ids(self) -> set[str]:
         return {e.genome_id for a in self.archives.values() for e in a.cells.values()}
 
+    def scores_of(self, genome_id: str) -> dict[str, float] | None:
+        """An elite's scores on every skill, from whichever archive holds it."""
+        for archive in self.archives.values():
+            for elite in archive.cells.values():
+                if elite.genome_id == genome_id:
+                    return elite.scores
+        return None
+
     def to_dict(self) -> dict:
         return {
             skill: [

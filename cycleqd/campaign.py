@@ -26,6 +26,7 @@ from cycleqd.genome import Genome, GenomeBook
 from cycleqd.model_sources import ModelSource, Weights, open_models
 from cycleqd.mutations import MUTATIONS
 from cycleqd.objectstore import RemoteSafetensors, model_is_complete, read_manifest
+from cycleqd.proposers import PROPOSERS, cell_inputs, fitness, tuned_options
 from cycleqd.protocols import (  # Evaluator, ChildResult, Tensors: user code imports them here
     ChildResult,
     Evaluator,
@@ -47,25 +48,44 @@ log = logging.getLogger(__name__)
 
 
 def breed(
-    config: CampaignConfig, book: GenomeBook, archives: ArchiveSet, generation: int
+    config: CampaignConfig,
+    book: GenomeBook,
+    archives: ArchiveSet,
+    generation: int,
+    learned: dict[str, list[float]] | None = None,
 ) -> list[Genome]:
-    """The children of one generation, all bred from the archives as they stand."""
+    """The children of one generation, all bred from the archives as they stand.
+    `learned`: the proposer's fitness history per skill (`cycleqd.proposers`)."""
     skill = config.skill_names[generation % len(config.skills)]
     experts = book.expert_ids()
     crossover = CROSSOVERS[config.crossover.method]
     mutation = MUTATIONS[config.mutation.kind]
+    proposer = PROPOSERS[config.proposer.kind]
+    history = (learned or {}).get(skill, [])
+    first_slot = proposer.batch_slot(config.proposer, history)
+    tunable = (*crossover.tunable, *mutation.tunable)
     children = []
     for index in range(config.population):
         rng = np.random.default_rng([config.seed, generation, index])
         parents = sample_parents(archives, skill, config.sampling, rng, experts.values())
-        weights = crossover.weights(config.crossover, rng, len(parents))
+        crossing, mutating = config.crossover, config.mutation
+        if proposer.learns:
+            inputs = cell_inputs(archives[skill], [archives.scores_of(p) or {} for p in parents])
+            values = proposer.propose(
+                config.proposer, history, first_slot + index, inputs, len(tunable)
+            )
+            if values is not None:
+                split = len(crossover.tunable)
+                crossing = tuned_options(crossing, crossover.tunable, values[:split])
+                mutating = tuned_options(mutating, mutation.tunable, values[split:])
+        weights = crossover.weights(crossing, rng, len(parents))
         seed = int(rng.integers(2**31))
         children.append(
             Genome(
                 kind="child",
                 parents=parents,
                 weights=weights,
-                mutation=mutation.recipe(config.mutation, seed, experts[skill]),
+                mutation=mutation.recipe(mutating, seed, experts[skill]),
                 skill=skill,
                 generation=generation,
             )
@@ -101,6 +121,8 @@ class Campaign:
         self.book = GenomeBook()
         self.archives = ArchiveSet.for_config(config)
         self.generation = -1  # last complete generation; 0 = seeded
+        # A learning proposer's fitness history per skill (`cycleqd.proposers`).
+        self.learned: dict[str, list[float]] = {}
         self.history: list[ChildResult] = []
         # Seconds spent here, by part (materialize_s, evaluate_s, commit_s) and models scored.
         self.timings: Counter[str] = Counter()
@@ -216,6 +238,7 @@ class Campaign:
             for gid in (self.book.base_id(), *self.book.expert_ids().values())
         }
         self.archives.load_dict(snapshot["archives"])
+        self.learned = {k: [float(f) for f in v] for k, v in snapshot.get("learned", {}).items()}
         self.generation = latest
         log.info("resumed campaign %s at generation %d", self.config.name, latest)
 
@@ -399,7 +422,9 @@ class Campaign:
         """Breed the next generation from the committed archives; record its children."""
         generation = self.generation + 1
         # On a copy: sampling counts change when the generation is committed, not before.
-        children = breed(self.config, self.book, copy.deepcopy(self.archives), generation)
+        children = breed(
+            self.config, self.book, copy.deepcopy(self.archives), generation, self.learned
+        )
         ids = [self.book.add(child) for child in children]
         self.store.put_json(
             self.store.pending_key(generation),
@@ -449,7 +474,7 @@ class Campaign:
         generation = self.generation + 1
         # Breeding again from the same archives and seed yields the same children and the same
         # sampling counts; a mismatch means the code or config changed mid-generation.
-        children = breed(self.config, self.book, self.archives, generation)
+        children = breed(self.config, self.book, self.archives, generation, self.learned)
         recorded = self.store.get_json(self.store.pending_key(generation)) or []
         if [c.id for c in children] != [r.get("id") for r in recorded]:
             raise CycleQDError(
@@ -471,6 +496,17 @@ class Campaign:
                     gid, generation, child.skill, scores, entered, uri, sha if uri else None
                 )
             )
+        if PROPOSERS[self.config.proposer.kind].learns:
+            for child, result in zip(children, results, strict=True):
+                value = (
+                    fitness(self.archives[child.skill], result.scores or {})
+                    if result.scores
+                    else 0.0
+                )
+                # A rejected child, or one with a non-finite score, is the worst fitness.
+                self.learned.setdefault(child.skill, []).append(
+                    value if np.isfinite(value) else 0.0
+                )
         self.history.extend(results)
         self._commit(generation)
         self.tracker.generation_done(generation, results, self.archives, self.book)
@@ -536,6 +572,8 @@ class Campaign:
             "archives": self.archives.to_dict(),
             "genomes": self.book.to_list(),
         }
+        if self.learned:  # only a learning proposer's: other snapshots stay as they were
+            snapshot["learned"] = self.learned
         self.store.renew()  # refuses to write if another run took the lease over
         self.store.write_snapshot(generation, snapshot)
         self.generation = generation

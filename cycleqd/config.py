@@ -28,6 +28,7 @@ from cycleqd.errors import ConfigError
 from cycleqd.final_methods import FINAL_METHODS
 from cycleqd.finetune_settings import TrainingSettings
 from cycleqd.mutations import MUTATIONS
+from cycleqd.proposers import PROPOSERS
 from cycleqd.redact import redact_text, redact_uri
 from cycleqd.sampling import SAMPLING
 from cycleqd.skills.registry import (
@@ -79,11 +80,12 @@ SkillEntry = Annotated[
 # The search's interchangeable parts: each field is the union of its registered variants'
 # options (see `cycleqd.variants`), tagged by `kind` (mutation) or `method` (the others).
 VARIANT_FAMILIES: dict[str, Registry] = {
-    r.family: r for r in (SAMPLING, CROSSOVERS, MUTATIONS, FINAL_METHODS)
+    r.family: r for r in (SAMPLING, CROSSOVERS, MUTATIONS, PROPOSERS, FINAL_METHODS)
 }
 SamplingConfig = SAMPLING.config_type()
 CrossoverConfig = CROSSOVERS.config_type()
 MutationConfig = MUTATIONS.config_type()
+ProposerConfig = PROPOSERS.config_type()
 FinalConfig = FINAL_METHODS.config_type()
 
 
@@ -199,6 +201,9 @@ class CampaignConfig(_Strict):
     sampling: SamplingConfig = SAMPLING.default_options()
     crossover: CrossoverConfig = CROSSOVERS.default_options()
     mutation: MutationConfig = MUTATIONS.default_options()
+    # Where each child's crossover and mutation options come from: the config's (`fixed`),
+    # or the official code's CMA-ES per skill (`cma_es`; needs the `cma` package).
+    proposer: ProposerConfig = PROPOSERS.default_options()
     evaluation: EvaluationConfig = EvaluationConfig()
     final: FinalConfig = FINAL_METHODS.default_options()
     dtype: DType = "float32"
@@ -267,6 +272,7 @@ class CampaignConfig(_Strict):
                 f"models.experts: no expert for skill(s) {missing}; one per skill: a model "
                 "location or a fine-tuning spec (e.g. `{data: derived}`)"
             )
+        PROPOSERS[self.proposer.kind].check(self.proposer, self.population)
         if self.models.trained() and self.evaluation.scorer == "probe":
             raise ValueError(
                 "models.experts: the probe scorer compares models with each expert's weights, "

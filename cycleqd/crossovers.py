@@ -9,7 +9,7 @@ registered with `@CROSSOVERS.register` (see docs/adding_a_variant.md).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -19,6 +19,9 @@ from cycleqd.variants import Registry, Variant, VariantOptions
 
 
 class CrossoverMethod(Variant):
+    # Options a proposer may set per child (`cycleqd.proposers`), in this order.
+    tunable: ClassVar[tuple[str, ...]] = ()
+
     @abstractmethod
     def weights(
         self, options: VariantOptions, rng: np.random.Generator, parents: int
@@ -41,6 +44,7 @@ class LinearCrossover(CrossoverMethod):
     by their sum (the paper's)."""
 
     options = LinearOptions
+    tunable = ("mu", "sigma")
 
     def weights(self, options: LinearOptions, rng, parents):
         drawn = crossover_weights(rng, parents, options.mu, options.sigma)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
@@ -42,6 +42,9 @@ class TensorContext:
 
 class MutationMethod(Variant):
     """One kind of mutation. Subclasses set `options` and implement `recipe` and `apply`."""
+
+    # Options a proposer may set per child (`cycleqd.proposers`), in this order.
+    tunable: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def recipe(self, options: VariantOptions, seed: int, expert: str) -> Mutation:
@@ -81,6 +84,7 @@ class SvdMutation(MutationMethod):
     drawn from U[0, w_max]. Leaves the experts' span, so elites are stored as weights."""
 
     options = SvdOptions
+    tunable = ("w_max",)
 
     def recipe(self, options: SvdOptions, seed: int, expert: str) -> Mutation:
         return Mutation(kind="svd", seed=seed, scale=options.w_max)
@@ -102,6 +106,7 @@ class SvdExpertMutation(MutationMethod):
     r ~ U[0, rate). Stays in the experts' span: children are a few coefficients."""
 
     options = SvdExpertOptions
+    tunable = ("rate",)
 
     def recipe(self, options: SvdExpertOptions, seed: int, expert: str) -> Mutation:
         return Mutation(kind="svd_expert", seed=seed, scale=options.rate, expert=expert)
@@ -129,6 +134,7 @@ class GaussianMutation(MutationMethod):
     """Add N(0, sigma) to every weight, seeded per tensor, so it is regenerable."""
 
     options = GaussianOptions
+    tunable = ("sigma",)
 
     def recipe(self, options: GaussianOptions, seed: int, expert: str) -> Mutation:
         return Mutation(kind="gaussian", seed=seed, scale=options.sigma)
