@@ -83,7 +83,9 @@ class EvaluatorPool:
         holder: str | None = None,
         wait_s: float | None = None,
         ttl_s: float = HOLD_TTL_S,
+        seed: int = 0,
     ) -> None:
+        """`seed`: sampling's seed in generation requests (the campaign's)."""
         if not registry.evaluators:
             raise CycleQDError(f"run {registry.owner} has no warm evaluators in its registry")
         self.store, self.registry, self.ttl_s = store, registry, ttl_s
@@ -92,7 +94,8 @@ class EvaluatorPool:
             wait_s if wait_s is not None else float(os.environ.get(WAIT_S_ENV, DEFAULT_WAIT_S))
         )
         self._backends = {
-            e["name"]: ServerBackend(e["url"], registry.token) for e in registry.evaluators
+            e["name"]: ServerBackend(e["url"], registry.token, seed=seed)
+            for e in registry.evaluators
         }
         self._failed_at: dict[str, float] = {}
         self.failures = 0
@@ -116,17 +119,17 @@ class EvaluatorPool:
         names = self.registry.names()
         order = names[prefer % len(names) :] + names[: prefer % len(names)]
         deadline = time.monotonic() + self.wait_s
+        pause = 0.2
         while True:
             for name in order:
                 failed = self._failed_at.get(name)
                 if failed is not None and time.monotonic() - failed < RETRY_DEAD_S:
                     continue
-                if not self._take(name):
+                # /health first: while engines start, tasks ask them, not the store.
+                if not self._backends[name].healthy() or not self._take(name):
                     continue
-                if self._backends[name].healthy():
-                    self._failed_at.pop(name, None)
-                    return name
-                self._give_back(name)  # starting, or gone: another may be ready
+                self._failed_at.pop(name, None)
+                return name
             if time.monotonic() > deadline:
                 raise EvaluatorUnavailableError(
                     f"no warm evaluator of run {self.registry.owner} was free and answering "
@@ -134,7 +137,8 @@ class EvaluatorPool:
                     "logs (kubectl logs -l cycleqd.ai/run=<run>), or raise "
                     f"${WAIT_S_ENV} if their engines start slowly"
                 )
-            time.sleep(0.2)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 5.0)  # many tasks waiting: a few store reads a second
 
     # -- holds ---------------------------------------------------------------------------------
 
@@ -204,7 +208,7 @@ def evaluate_with_pool(
             f"{config.evaluation.scorer!r} scores in the task (run without warm evaluators)"
         )
     store = CampaignStore(store_uri)
-    pool = EvaluatorPool(store, registry)
+    pool = EvaluatorPool(store, registry, seed=config.seed)
     prefer = preferred_evaluator(genome_ids)
     first = next(iter(pool._backends.values()))
     evaluator = skills_evaluator(config, backend=first)

@@ -45,9 +45,12 @@ class ServerBackend:
     weights_from = "requests"
     reads_locations = True
 
-    def __init__(self, url: str, token: str, timeout_s: float = 1800.0, workers: int = 8):
+    def __init__(
+        self, url: str, token: str, timeout_s: float = 1800.0, workers: int = 8, seed: int = 0
+    ):
         self.url = url.rstrip("/")
         self.token = token
+        self.seed = seed  # of sampling (temperature > 0), as the in-process backends'
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
@@ -67,7 +70,7 @@ class ServerBackend:
                 "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature,
                 "stop": list(params.stop),
-                "seed": 0,
+                "seed": self.seed,
             },
         )
         texts = [""] * len(prompts)
