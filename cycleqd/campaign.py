@@ -70,7 +70,7 @@ def breed(
         parents = sample_parents(archives, skill, config.sampling, rng, experts.values())
         crossing, mutating = config.crossover, config.mutation
         if proposer.learns:
-            inputs = cell_inputs(archives[skill], [archives.scores_of(p) or {} for p in parents])
+            inputs = cell_inputs(archives[skill], [archives.scores_of(p) for p in parents])
             values = proposer.propose(
                 config.proposer, history, first_slot + index, inputs, len(tunable)
             )

@@ -158,10 +158,15 @@ def _asked(options: CmaEsOptions, history: tuple[float, ...], dimension: int) ->
     return _CACHE[key]
 
 
-def cell_inputs(archive, parents: Sequence[Mapping[str, float]]) -> np.ndarray:
-    """The parents' cells in `archive` (one bin index per BC skill), divided by the bins."""
+def cell_inputs(archive, parents: Sequence[Mapping[str, float] | None]) -> np.ndarray:
+    """The parents' cells in `archive` (one bin index per BC skill), divided by the bins; a
+    parent no archive holds (an expert borrowed when every archive holds one same model) is
+    at the grid's origin."""
     bins = np.array([s.bins for s in archive.bc_skills], dtype=float)
-    return np.concatenate([np.array(archive.cell_of(p), dtype=float) / bins for p in parents])
+    cells = [
+        np.array(archive.cell_of(p), dtype=float) if p else np.zeros(bins.size) for p in parents
+    ]
+    return np.concatenate([cell / bins for cell in cells])
 
 
 def fitness(archive, scores: Mapping[str, float]) -> float:

@@ -55,6 +55,7 @@ def test_inputs_and_fitness_are_the_official_codes(tiny_world):
     p1 = {"probe_a": 0.9, "probe_b": 0.25, "probe_c": 0.71}  # cell (3, 10): 3.75, 10.65
     p2 = {"probe_a": 0.1, "probe_b": 0.99, "probe_c": 0.0}  # cell (14, 0)
     assert cell_inputs(archive, [p1, p2]).tolist() == [3 / 15, 10 / 15, 14 / 15, 0.0]
+    assert cell_inputs(archive, [p1, None]).tolist() == [3 / 15, 10 / 15, 0.0, 0.0]
     assert fitness(archive, p1) == pytest.approx(3 / 15 + 10 / 15 + 0.9)
 
 
