@@ -328,14 +328,18 @@ def release(store_uri: str, owner: str, config_yaml: str = "", generations: int 
     from cycleqd import warm_evaluators
 
     store = CampaignStore(store_uri)
-    committed = (store.get_json(store.run_key(owner)) or {}).get("committed", []) if owner else []
-    latest = store.latest_generation()
-    state: dict = {"latest_generation": -1 if latest is None else latest}
-    if config_yaml:
-        target = load_config_text(config_yaml, generations).generations
-        state["done"] = latest is not None and latest >= target
-        state["progressed"] = bool(committed)
+    state: dict = {}
     try:
+        try:
+            run = store.get_json(store.run_key(owner)) if owner else None
+            latest = store.latest_generation()
+            state["latest_generation"] = -1 if latest is None else latest
+            if config_yaml:
+                target = load_config_text(config_yaml, generations).generations
+                state["done"] = latest is not None and latest >= target
+                state["progressed"] = bool((run or {}).get("committed"))
+        except CycleQDError as exc:  # the evaluators and the lease go back regardless
+            state = {"error": str(exc)}
         warm_evaluators.stop(store_uri, owner)
     finally:
         CampaignStore(store_uri, owner=owner).release(shared=True)

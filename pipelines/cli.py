@@ -27,7 +27,7 @@ def _options(args: argparse.Namespace):
         models_mount_path=args.models_mount_path,
         model_cache_size=args.model_cache_size,
         kfp_ui_url=args.kfp_ui_url,
-        warm_evaluators=args.warm_evaluators,
+        warm_evaluators=getattr(args, "warm_evaluators", 0),
     )
 
 

@@ -33,7 +33,7 @@ def release(
 
     state = steps.release(store_uri, run_owner, campaign_config, search_generations)
     print(f"campaign: {state}")
-    if campaign_config and in_cluster():
+    if "done" in state and in_cluster():
         from cycleqd_kfp.pipelines.continuation import follow_up, in_cluster_client
 
         print(

@@ -59,3 +59,16 @@ def test_says_where_the_campaign_stands_and_follows_up_in_a_cluster(
         "run-3",
         {"campaign_done": True, "progressed": False, "continue_runs": False},
     )
+
+
+def test_an_unreadable_config_still_gives_the_lease_back(tmp_path, capsys, monkeypatch):
+    """The exit handler runs whatever happened: a config it cannot read (a URI gone, a
+    mistake preflight stopped) costs the follow-up, never the lease."""
+    store = tmp_path / "campaign"
+    CampaignStore(store, owner="run-1").acquire(settle=0)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    release.python_func(
+        store_uri=str(store), run_owner="run-1", campaign_config=str(tmp_path / "gone.yaml")
+    )
+    assert CampaignStore(store).read_lease() is None
+    assert "error" in capsys.readouterr().out

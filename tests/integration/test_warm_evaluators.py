@@ -49,9 +49,12 @@ def trained_store(mini_skill_world, tmp_path_factory) -> tuple[dict, Path]:
     return data, folder
 
 
-def _copy(trained_store, tmp_path: Path, name: str, generations: int = 1) -> tuple[str, str]:
+def _copy(
+    trained_store, tmp_path: Path, name: str, generations: int = 1, **overrides
+) -> tuple[str, str]:
     data, _ = trained_store
-    return yaml.safe_dump({**data, "generations": generations}), str(tmp_path / name)
+    config = {**data, "generations": generations, **overrides}
+    return yaml.safe_dump(config), str(tmp_path / name)
 
 
 @pytest.fixture
@@ -114,11 +117,14 @@ def _breed(config_yaml: str, store_uri: str) -> list[str]:
     return steps.breed(config_yaml, store_uri)
 
 
+# svd_expert children are recipes the evaluator builds (a genome request naming the models by
+# location); the paper's svd children leave the experts' span: built here, staged in the store.
+@pytest.mark.parametrize("mutation", [{"kind": "svd_expert", "rate": 0.3}, {"kind": "svd"}])
 def test_a_child_scored_on_a_warm_evaluator_equals_it_scored_in_process(
-    trained_store, tmp_path, evaluators
+    trained_store, tmp_path, evaluators, mutation
 ):
-    config_yaml, here = _copy(trained_store, tmp_path, "here")
-    _, there = _copy(trained_store, tmp_path, "there")
+    config_yaml, here = _copy(trained_store, tmp_path, "here", mutation=mutation)
+    _, there = _copy(trained_store, tmp_path, "there", mutation=mutation)
     children = _breed(config_yaml, here)
     assert _breed(config_yaml, there) == children
     reference = steps.evaluate_many(config_yaml, here, children)
@@ -131,6 +137,9 @@ def test_a_child_scored_on_a_warm_evaluator_equals_it_scored_in_process(
     # What the skills saw (every reply) is the same too: the batches are the in-process ones.
     replies = {side: _replies(CampaignStore(side), children) for side in (here, there)}
     assert replies[there] == replies[here]
+    # Staged weights are gone once scored; elites' weights are published as in process.
+    assert not CampaignStore(there).store.list("staging/")
+    assert CampaignStore(there).stored_models() == CampaignStore(here).stored_models()
     # Scoring the group again reads the records back: nothing is scored twice.
     again = evaluate_with_pool(config_yaml, there, children, registry)
     assert again == remote

@@ -75,7 +75,9 @@ def _config_text(world: dict) -> str:
 def _state(root: Path) -> dict[str, bytes]:
     """Every object a reader may use: snapshots, LATEST, records, complete models, exports."""
     store = LocalObjectStore(root)
-    keys = [k for k in store.list("") if not k.startswith(("lease.json", "preflight/"))]
+    # Not campaign state: the lease, preflight's probe, and a run's own bookkeeping (runs/:
+    # its warm evaluators, holds, the generations it committed; its exit handler deletes it).
+    keys = [k for k in store.list("") if not k.startswith(("lease.json", "preflight/", "runs/"))]
     out = {}
     for key in keys:
         area = key.split("/", 1)[0]
