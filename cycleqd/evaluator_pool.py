@@ -187,6 +187,18 @@ def _live_other(data: bytes, holder: str) -> bool:
         return False  # an unreadable hold protects nothing
 
 
+def require_skills_scorer(config, what: str, fix: str) -> None:
+    """Warm evaluators serve a chat model: the probe scorer, which scores weights in the
+    task, cannot use them (ConfigError: `what`, and `fix`)."""
+    from cycleqd.errors import ConfigError
+
+    if config.evaluation.scorer != "skills":
+        raise ConfigError(
+            f"{what} serve a chat model to the skills; evaluation.scorer "
+            f"{config.evaluation.scorer!r} scores in the task: {fix}"
+        )
+
+
 def preferred_evaluator(genome_ids: list[str]) -> int:
     """The task's own evaluator index: stable for a group of children, spread over groups."""
     return zlib.crc32(",".join(genome_ids).encode())
@@ -199,14 +211,10 @@ def evaluate_with_pool(
     already scored (by an earlier attempt) are read back from the store."""
     from cycleqd.config import load_config_text
     from cycleqd.evaluators import skills_evaluator
-    from cycleqd.steps import open_campaign
+    from cycleqd.steps import check_pending, open_campaign
 
     config = load_config_text(config_yaml)
-    if config.evaluation.scorer != "skills":
-        raise CycleQDError(
-            "warm evaluators score skills through a model server; evaluation.scorer "
-            f"{config.evaluation.scorer!r} scores in the task (run without warm evaluators)"
-        )
+    require_skills_scorer(config, "warm evaluators", "run without them")
     store = CampaignStore(store_uri)
     pool = EvaluatorPool(store, registry, seed=config.seed)
     prefer = preferred_evaluator(genome_ids)
@@ -214,13 +222,7 @@ def evaluate_with_pool(
     evaluator = skills_evaluator(config, backend=first)
     records = []
     with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as campaign:
-        pending = campaign.load_pending()
-        strangers = [g for g in genome_ids if g not in pending]
-        if strangers:
-            raise CycleQDError(
-                f"child(ren) {', '.join(strangers)} not in generation {campaign.generation + 1} "
-                f"of {campaign.store.uri}"
-            )
+        check_pending(campaign, genome_ids)
         for genome_id in genome_ids:
             while True:
                 with pool.held(prefer) as (name, backend):

@@ -180,6 +180,17 @@ def evaluate(config_yaml: str, store_uri: str, genome_id: str) -> dict:
     return evaluate_many(config_yaml, store_uri, [genome_id])[0]
 
 
+def check_pending(campaign: Campaign, genome_ids: list[str]) -> None:
+    """Refuse children that are not the next generation's (a stale or foreign task)."""
+    pending = campaign.load_pending()
+    strangers = [g for g in genome_ids if g not in pending]
+    if strangers:
+        raise CycleQDError(
+            f"child(ren) {', '.join(strangers)} not in generation {campaign.generation + 1} of "
+            f"{campaign.store.uri}"
+        )
+
+
 def evaluate_many(
     config_yaml: str,
     store_uri: str,
@@ -192,13 +203,7 @@ def evaluate_many(
     one (the evaluation server's); by default one is built from the config. `timings` gets
     the campaign's seconds by part added (`Campaign.timings`)."""
     with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as c:
-        pending = c.load_pending()
-        strangers = [g for g in genome_ids if g not in pending]
-        if strangers:
-            raise CycleQDError(
-                f"child(ren) {', '.join(strangers)} not in generation {c.generation + 1} of "
-                f"{c.store.uri}"
-            )
+        check_pending(c, genome_ids)
         records = [c.evaluate_child(g) for g in genome_ids]
         if timings is not None:
             timings.update(c.timings)

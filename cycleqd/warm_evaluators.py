@@ -15,7 +15,7 @@ import secrets
 
 from cycleqd.errors import CycleQDError
 from cycleqd.evaluator_launch import EvaluatorSpec, launcher_for
-from cycleqd.evaluator_pool import EvaluatorRegistry
+from cycleqd.evaluator_pool import EvaluatorRegistry, require_skills_scorer
 from cycleqd.state import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def start(
     if not owner:
         raise CycleQDError("warm evaluators belong to a run: its id (run_owner) is empty")
     config = load_config_text(config_yaml)
-    if config.evaluation.scorer != "skills":
-        raise CycleQDError(
-            "warm evaluators serve a chat model to the skills; evaluation.scorer "
-            f"{config.evaluation.scorer!r} scores in the task: compile without warm evaluators"
-        )
+    require_skills_scorer(config, "warm evaluators", "compile without warm evaluators")
     store = CampaignStore(store_uri)
     chosen = launcher_for(launcher, settings_json)
     previous = EvaluatorRegistry.load(store, owner)

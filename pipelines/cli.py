@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cycleqd import cli as core
-from cycleqd.errors import ConfigError, CycleQDError
+from cycleqd.errors import CycleQDError
 from cycleqd.redact import redact_uri
 
 
@@ -54,11 +54,10 @@ def _run_local(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = core.prepare_config(args)
     warm = args.warm_evaluators
-    if warm and config.evaluation.scorer != "skills":
-        raise ConfigError(
-            f"--warm-evaluators serve a chat model to the skills; evaluation.scorer "
-            f"{config.evaluation.scorer!r} scores in the task: leave the flag out"
-        )
+    if warm:
+        from cycleqd.evaluator_pool import require_skills_scorer
+
+        require_skills_scorer(config, "--warm-evaluators", "leave the flag out")
     store_uri = args.store or str(workdir / "campaign")
     tracking_uri = "" if args.no_tracking else (args.tracking_uri or core.local_mlflow_uri(workdir))
     # The pipeline's preflight, here first: a mistake is one message, not a task's traceback

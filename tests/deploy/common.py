@@ -52,3 +52,30 @@ def kubectl_build(kubectl: str, folder: Path) -> list[dict]:
     if proc.returncode != 0:
         raise AssertionError(f"kubectl kustomize {folder} failed:\n{proc.stderr}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+class KfpClientRecorder:
+    """A stand-in's base for kfp.Client (no KFP API server runs here): every call of a method
+    kfp.Client has is checked against kfp.Client's own signature and recorded in `calls`;
+    `fail[name]` makes that method raise instead."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.fail: dict[str, Exception] = {}
+
+    def __getattribute__(self, name: str):
+        import inspect
+
+        attribute = object.__getattribute__(self, name)
+        real = getattr(__import__("kfp").Client, name, None)
+        if real is None or not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            inspect.signature(real).bind(None, *args, **kwargs)  # kfp.Client accepts it
+            self.calls.append((name, kwargs))
+            if name in self.fail:
+                raise self.fail[name]
+            return attribute(*args, **kwargs)
+
+        return call

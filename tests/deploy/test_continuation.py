@@ -6,8 +6,7 @@ and service account, none started without progress, and every failure one messag
 
 from __future__ import annotations
 
-import inspect
-
+import cycleqd_tests_deploy_common as common
 import pytest
 from kfp_server_api import (
     V2beta1ListRunsResponse,
@@ -26,30 +25,14 @@ PARAMS = {
 }
 
 
-class RecordingKfpClient:
+class RecordingKfpClient(common.KfpClientRecorder):
     """The kfp.Client methods a follow-up calls, with a server's runs. Every call is checked
     against kfp.Client's own signature; `fail` makes a method raise instead."""
 
     def __init__(self, *runs: V2beta1Run) -> None:
-        self.calls: list[tuple[str, dict]] = []
+        super().__init__()
         self.runs = {run.run_id: run for run in runs}
         self.disabled: list[str] = []
-        self.fail: dict[str, Exception] = {}
-
-    def __getattribute__(self, name: str):
-        attribute = object.__getattribute__(self, name)
-        real = getattr(__import__("kfp").Client, name, None)
-        if real is None or not callable(attribute):
-            return attribute
-
-        def call(*args, **kwargs):
-            inspect.signature(real).bind(None, *args, **kwargs)  # kfp.Client accepts it
-            self.calls.append((name, kwargs))
-            if name in self.fail:
-                raise self.fail[name]
-            return attribute(*args, **kwargs)
-
-        return call
 
     def get_run(self, run_id):
         if run_id not in self.runs:

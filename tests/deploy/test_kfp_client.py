@@ -6,7 +6,6 @@ token and the namespace."""
 
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 
 import cycleqd_tests_deploy_common as common
@@ -17,28 +16,15 @@ from cycleqd.probe_world import default_config
 from cycleqd_kfp.pipelines import cli, kfp_client
 
 
-class RecordingKfpClient:
+class RecordingKfpClient(common.KfpClientRecorder):
     """The kfp.Client methods the commands call, with a server's state: pipelines, their
     versions, recurring runs. Every call is checked against kfp.Client's own signature."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
+        super().__init__()
         self.pipelines: dict[str, str] = {}
         self.versions: dict[str, list[SimpleNamespace]] = {}
         self.recurring: dict[str, SimpleNamespace] = {}
-
-    def __getattribute__(self, name: str):
-        attribute = object.__getattribute__(self, name)
-        real = getattr(__import__("kfp").Client, name, None)
-        if real is None or not callable(attribute):
-            return attribute
-
-        def call(*args, **kwargs):
-            inspect.signature(real).bind(None, *args, **kwargs)  # kfp.Client accepts it
-            self.calls.append((name, kwargs))
-            return attribute(*args, **kwargs)
-
-        return call
 
     def get_pipeline_id(self, name):
         return self.pipelines.get(name)
