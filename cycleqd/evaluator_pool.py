@@ -21,6 +21,7 @@ A restarted evaluator (Kubernetes restarts a StatefulSet's pod) is used again on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -66,8 +67,11 @@ class EvaluatorRegistry:
             dict(record.get("resources") or {}),
         )
 
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def save(self, store: CampaignStore) -> None:
-        store.put_json(store.evaluators_key(self.owner), self.__dict__)
+        store.put_json(store.evaluators_key(self.owner), self.to_json())
 
     def names(self) -> list[str]:
         return [e["name"] for e in self.evaluators]
@@ -108,6 +112,10 @@ class EvaluatorPool:
             yield name, self._backends[name]
         finally:
             self._give_back(name)
+
+    def backend(self, name: str) -> ServerBackend:
+        """The chat backend of evaluator `name` (nothing is held by asking)."""
+        return self._backends[name]
 
     def failed(self, name: str, error: Exception) -> None:
         """`name` failed mid-child: left alone for a while, its child goes elsewhere."""
@@ -218,8 +226,7 @@ def evaluate_with_pool(
     store = CampaignStore(store_uri)
     pool = EvaluatorPool(store, registry, seed=config.seed)
     prefer = preferred_evaluator(genome_ids)
-    first = next(iter(pool._backends.values()))
-    evaluator = skills_evaluator(config, backend=first)
+    evaluator = skills_evaluator(config, backend=pool.backend(registry.names()[0]))
     records = []
     with open_campaign(config_yaml, store_uri, writer=False, evaluator=evaluator) as campaign:
         check_pending(campaign, genome_ids)

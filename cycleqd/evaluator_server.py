@@ -30,6 +30,7 @@ from typing import Any
 from cycleqd.generate.base import SamplingParams
 from cycleqd.generate.server_backend import SERVED_MODEL
 from cycleqd.generate.vllm_worker import WeightSwapExtension
+from cycleqd.state import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +160,11 @@ def _exit_when_orphaned(service: EvaluatorService, parent: int, idle_s: float) -
     or after `idle_s` without a request (a run whose exit handler never ran)."""
     while True:
         time.sleep(0.5)
-        gone = parent > 0 and not _alive(parent)
+        gone = parent > 0 and not process_alive(parent)
         idle = idle_s > 0 and time.monotonic() - service.last_request > idle_s
         if gone or idle:
             log.info("exiting: %s", "owner gone" if gone else f"idle for {idle_s:.0f} s")
             os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:

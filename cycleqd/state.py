@@ -91,6 +91,17 @@ class CampaignLockedError(CycleQDError):
     """Another run holds the campaign's lease."""
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class Lease:
     owner: str
@@ -104,12 +115,7 @@ class Lease:
         if self.expires_at <= time.time():
             return False
         if self.driver and self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
+            return process_alive(self.pid)
         return True
 
 

@@ -70,7 +70,7 @@ def start(
     chosen = launcher_for(launcher, settings_json)
     previous = EvaluatorRegistry.load(store, owner)
     if previous is not None and previous.launcher == "local":
-        chosen.stop(previous.__dict__)  # a retried start: local processes are started afresh
+        chosen.stop(previous.to_json())  # a retried start: local processes are started afresh
     token = previous.token if previous is not None else secrets.token_urlsafe(32)
     created = chosen.start(spec_for(config, owner, count, chosen.kind), token)
     registry = EvaluatorRegistry(
@@ -93,7 +93,7 @@ def stop(store_uri: str, owner: str) -> bool:
     registry = EvaluatorRegistry.load(store, owner)
     if registry is None:
         return False
-    launcher_for(registry.launcher).stop(registry.__dict__)
+    launcher_for(registry.launcher).stop(registry.to_json())
     store.store.delete(store.evaluators_key(owner))
     return True
 

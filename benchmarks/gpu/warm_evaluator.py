@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,16 +33,11 @@ import time
 from pathlib import Path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(kind: str, model: str, dtype: str, log: Path) -> tuple[subprocess.Popen, str, str]:
     from cycleqd.evaluator_launch.base import EvaluatorSpec
+    from cycleqd.evaluator_launch.local import free_port
 
-    port, token = _free_port(), secrets.token_urlsafe(16)
+    port, token = free_port(), secrets.token_urlsafe(16)
     env = dict(os.environ)
     if kind == "vllm":
         from cycleqd.evaluator_launch.kubernetes import (

@@ -44,7 +44,7 @@ class LocalProcessLauncher(EvaluatorLauncher):
         env = {**os.environ, TOKEN_ENV: token}
         evaluators, pids = [], []
         for index in range(spec.count):
-            port = _free_port()
+            port = free_port()
             name = f"e{index}"
             command = [
                 sys.executable,
@@ -81,7 +81,8 @@ class LocalProcessLauncher(EvaluatorLauncher):
                 os.killpg(pid, signal.SIGTERM)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (to bind right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -328,14 +328,14 @@ def test_the_local_server_generates_what_the_backend_does_in_process(tmp_path):
     import subprocess
     import sys
 
-    from cycleqd.evaluator_launch.local import _free_port
+    from cycleqd.evaluator_launch.local import free_port
     from cycleqd.evaluator_server import TOKEN_ENV
     from cycleqd.generate.base import SamplingParams
     from cycleqd.generate.tiny_tokenizer import save_chat_model
     from cycleqd.generate.transformers_backend import TransformersBackend
 
     folder = save_chat_model(tmp_path / "model", hidden=64, heads=2)
-    port, token = _free_port(), "secret-token"
+    port, token = free_port(), "secret-token"
     command = [sys.executable, "-m", "cycleqd.evaluator_server", "--model", str(folder)]
     command += ["--port", str(port), "--batch-size", "4", "--threads", "1"]
     server = subprocess.Popen(command, env={**os.environ, TOKEN_ENV: token})
