@@ -1,7 +1,9 @@
 """MAP-Elites archives, one per skill (CycleQD section 3). Pure numpy, no I/O.
 
 In the archive of skill k, a model's quality is its score on k and its cell is the tuple of
-the bins of its scores on every other skill, in config order.
+the bins of its scores on every other skill, in config order. Without the cycle (the
+paper's single-objective ablation, `objective: mean`) there is one archive, `mean`: quality
+the mean of every skill's score, cell the bins of every skill.
 """
 
 from __future__ import annotations
@@ -52,9 +54,15 @@ class Elite:
 class Archive:
     """The archive of one quality skill over the BC skills' grid."""
 
-    skill: str
+    skill: str  # the quality skill, or the archive's name where `objective` is given
     bc_skills: list[SkillConfig]
     cells: dict[Cell, Elite] = field(default_factory=dict)
+    objective: tuple[str, ...] = ()  # skills whose mean is the quality; () = (skill,)
+
+    def quality_of(self, scores: Mapping[str, float]) -> float:
+        if not self.objective:
+            return float(scores[self.skill])
+        return sum(float(scores[s]) for s in self.objective) / len(self.objective)
 
     def cell_of(self, scores: Mapping[str, float]) -> Cell:
         return tuple(bin_index(scores[s.name], s.bc_min, s.bc_max, s.bins) for s in self.bc_skills)
@@ -64,7 +72,7 @@ class Archive:
         A non-finite score (quality or BC) never enters: NaN would sit in a cell forever."""
         if not all(math.isfinite(float(v)) for v in scores.values()):
             return False
-        quality = float(scores[self.skill])
+        quality = self.quality_of(scores)
         cell = self.cell_of(scores)
         incumbent = self.cells.get(cell)
         if incumbent is not None and not quality > incumbent.quality:
@@ -89,18 +97,39 @@ class Archive:
         return out
 
 
-class ArchiveSet:
-    """All K archives; a candidate is offered to each of them."""
+MEAN_ARCHIVE = "mean"
 
-    def __init__(self, skills: Sequence[SkillConfig]):
+
+def archive_names(config: CampaignConfig) -> list[str]:
+    """The archives of a campaign, in the order generations breed for them."""
+    return [MEAN_ARCHIVE] if config.objective == "mean" else list(config.skill_names)
+
+
+class ArchiveSet:
+    """All archives (K with the cycle, one without); a candidate is offered to each.
+    `skill_names`: the skills every candidate is scored on; `names`: the archives, in the
+    order generations take them as their quality."""
+
+    def __init__(self, skills: Sequence[SkillConfig], objective: str = "cycle"):
         self.skill_names = [s.name for s in skills]
-        self.archives = {
-            s.name: Archive(s.name, [b for b in skills if b.name != s.name]) for s in skills
-        }
+        if objective == "mean":
+            everything = tuple(self.skill_names)
+            self.archives = {
+                MEAN_ARCHIVE: Archive(MEAN_ARCHIVE, list(skills), objective=everything)
+            }
+        else:
+            self.archives = {
+                s.name: Archive(s.name, [b for b in skills if b.name != s.name]) for s in skills
+            }
+        self.names = list(self.archives)
 
     @classmethod
     def for_config(cls, config: CampaignConfig) -> ArchiveSet:
-        return cls(config.skills)
+        return cls(config.skills, config.objective)
+
+    def quality_of(self, generation: int) -> str:
+        """The archive whose quality generation `generation` breeds for (the cycle)."""
+        return self.names[generation % len(self.names)]
 
     def __getitem__(self, skill: str) -> Archive:
         return self.archives[skill]
@@ -115,7 +144,7 @@ class ArchiveSet:
             raise ValueError(f"scores of {genome_id} lack skill(s) {missing}")
         if not all(math.isfinite(float(scores[s])) for s in self.skill_names):
             return []
-        return [s for s in self.skill_names if self.archives[s].offer(genome_id, scores)]
+        return [name for name in self.names if self.archives[name].offer(genome_id, scores)]
 
     def genome_ids(self) -> set[str]:
         return {e.genome_id for a in self.archives.values() for e in a.cells.values()}
@@ -142,13 +171,13 @@ class ArchiveSet:
         if not isinstance(data, Mapping):
             raise ArchiveError(f"archives must be a mapping of skills, got {type(data).__name__}")
         unknown = sorted(str(s) for s in data if s not in self.archives)
-        missing = [s for s in self.skill_names if s not in data]
+        missing = [s for s in self.names if s not in data]
         if unknown or missing:
             raise ArchiveError(
-                f"archives name skills {sorted(map(str, data))}; this campaign's skills are "
-                f"{self.skill_names}"
+                f"archives are named {sorted(map(str, data))}; this campaign's archives are "
+                f"{self.names}"
             )
-        loaded = {skill: self._load_entries(skill, data[skill]) for skill in self.skill_names}
+        loaded = {name: self._load_entries(name, data[name]) for name in self.names}
         for skill, cells in loaded.items():
             self.archives[skill].cells = cells
 
@@ -177,8 +206,8 @@ class ArchiveSet:
             values = [e["quality"], *scores.values()]
             if not all(_is_real(v) and math.isfinite(v) for v in values):
                 raise ArchiveError(f"{where}: quality and scores must be finite numbers")
-            if e["quality"] != scores[skill]:
-                raise ArchiveError(f"{where}: quality is not its score on {skill!r}")
+            if e["quality"] != archive.quality_of(scores):
+                raise ArchiveError(f"{where}: quality is not its {skill!r} score")
             if not (_is_int(e["sampled"]) and e["sampled"] >= 0):
                 raise ArchiveError(f"{where}: sampled must be a count")
             cell = e["cell"]

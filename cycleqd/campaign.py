@@ -56,7 +56,7 @@ def breed(
 ) -> list[Genome]:
     """The children of one generation, all bred from the archives as they stand.
     `learned`: the proposer's fitness history per skill (`cycleqd.proposers`)."""
-    skill = config.skill_names[generation % len(config.skills)]
+    skill = archives.quality_of(generation)
     experts = book.expert_ids()
     crossover = CROSSOVERS[config.crossover.method]
     mutation = MUTATIONS[config.mutation.kind]
@@ -85,7 +85,7 @@ def breed(
                 kind="child",
                 parents=parents,
                 weights=weights,
-                mutation=mutation.recipe(mutating, seed, experts[skill]),
+                mutation=mutation.recipe(mutating, seed, experts.get(skill, "")),
                 skill=skill,
                 generation=generation,
             )

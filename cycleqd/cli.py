@@ -257,7 +257,7 @@ def print_summary(campaign, final_id: str, final_scores: dict[str, float] | None
             campaign.evaluator = searched
     print(
         "\narchive fill: "
-        + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in skills)
+        + ", ".join(f"{s} {len(campaign.archives[s].cells)} cells" for s in campaign.archives.names)
     )
 
 

@@ -196,6 +196,12 @@ class CampaignConfig(_Strict):
     seed: int = Field(default=0, ge=0)
     generations: int = Field(default=30, ge=0)
     population: int = Field(default=1, ge=1, description="children bred per generation (paper: 1)")
+    objective: Literal["cycle", "mean"] = Field(
+        default="cycle",
+        description="cycle: one archive per skill, each generation breeding for the next "
+        "skill's quality (CycleQD); mean: one archive, quality the mean of the skills, cell "
+        "the bins of every skill (the paper's ablation without the cycle)",
+    )
     skills: list[SkillEntry] = Field(min_length=2)
     models: ModelsConfig
     sampling: SamplingConfig = SAMPLING.default_options()
@@ -284,6 +290,20 @@ class CampaignConfig(_Strict):
                     f"models.experts.{skill}.data: skill {skill!r} has no training set of its "
                     "own; give a chat JSONL data set (file, folder or s3:// URI)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> CampaignConfig:
+        if self.objective != "mean":
+            return self
+        if "mean" in self.skill_names:
+            raise ValueError("objective 'mean' names its archive 'mean': rename the skill 'mean'")
+        if self.mutation.kind == "svd_expert":
+            raise ValueError(
+                "mutation 'svd_expert' draws from the expert of the skill a child is bred for; "
+                "objective 'mean' breeds for no single skill: use mutation 'svd', 'gaussian' "
+                "or 'none', or objective 'cycle'"
+            )
         return self
 
     @property

@@ -63,7 +63,7 @@ def map_data(archive: Archive) -> MapData:
 
 
 def maps_of(archives: ArchiveSet) -> dict[str, MapData]:
-    return {skill: map_data(archives[skill]) for skill in archives.skill_names}
+    return {name: map_data(archives[name]) for name in archives.names}
 
 
 def project_2d(grid: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ class MergeBest(FinalMethod):
     options = MergeBestOptions
 
     def genome(self, archives, options):
-        bests = [archives[s].best() for s in archives.skill_names]
+        bests = [archives[name].best() for name in archives.names]
         beta = aggregation_weights(np.array([b.quality for b in bests]))
         return Genome(
             kind="final",
@@ -63,7 +63,7 @@ class BestMean(FinalMethod):
 
     def genome(self, archives, options):
         elites = sorted(
-            (e for s in archives.skill_names for e in archives[s].cells.values()),
+            (e for name in archives.names for e in archives[name].cells.values()),
             key=lambda e: e.genome_id,  # ties: the same pick whatever the insertion order
         )
         if not elites:

@@ -173,7 +173,7 @@ def fitness(archive, scores: Mapping[str, float]) -> float:
     """A child's fitness for its skill's CMA-ES: its normalised cell plus its quality."""
     bins = np.array([s.bins for s in archive.bc_skills], dtype=float)
     cell = np.array(archive.cell_of(scores), dtype=float) / bins
-    return float(cell.sum() + float(scores[archive.skill]))
+    return float(cell.sum() + archive.quality_of(scores))
 
 
 def tuned_options(options: VariantOptions, names: Sequence[str], values: Any) -> VariantOptions:

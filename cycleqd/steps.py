@@ -242,7 +242,7 @@ def commit(
             ],
             "archives": {
                 s: {"elites": len(c.archives[s].cells), "best": c.archives[s].best().quality}
-                for s in c.config.skill_names
+                for s in c.archives.names
             },
         }
     # After close (the tracker's last delivery attempt): this task ends here, so what MLflow

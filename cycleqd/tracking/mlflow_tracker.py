@@ -222,7 +222,9 @@ class MLflowTracker:
         """The campaign is bound to its store (fresh, or resumed after `resumed_from`)."""
         try:
             self.campaign_name = config.name
-            self._skills = list(config.skill_names)
+            from cycleqd.archive import archive_names
+
+            self._skills = archive_names(config)
             params = flatten(config.model_dump(mode="json"))
             identity = json.dumps(config.model_dump(mode="json", exclude={"generations"}))
             config_sha = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -759,7 +761,7 @@ class MLflowTracker:
 
     def _archive_stats(self, archives: ArchiveSet) -> dict[str, float]:
         stats = {}
-        for skill in archives.skill_names:
+        for skill in archives.names:
             archive = archives[skill]
             qualities = [e.quality for e in archive.cells.values()]
             stats[f"archive.{skill}.elites"] = float(len(qualities))

@@ -175,6 +175,29 @@ def test_population_breeds_p_children_per_generation(tiny_world, probe_evaluator
     assert {c.skill for c in children} == {campaign.config.skill_names[1]}
 
 
+def test_without_the_cycle_every_generation_breeds_for_the_mean_and_resumes(
+    tiny_world, probe_evaluator, tmp_path
+):
+    options = {"objective": "mean", "mutation": {"kind": "svd", "w_max": 1.5}}
+    whole = _campaign(tiny_world, probe_evaluator, tmp_path / "whole", generations=6, **options)
+    whole.run()
+    assert whole.archives.names == ["mean"]
+    bred = [h for h in whole.history if h.generation > 0]
+    assert len(bred) == 6 and {h.skill for h in bred} == {"mean"}
+    for elite in whole.archives["mean"].cells.values():
+        assert elite.quality == pytest.approx(np.mean(list(elite.scores.values())))
+    # The paper's final rule over one archive is that archive's best elite.
+    gid, _ = whole.finalize()
+    best = whole.archives["mean"].best()
+    assert whole.book[gid].parents == (best.genome_id,) and whole.book[gid].weights == (1.0,)
+    part = _campaign(tiny_world, probe_evaluator, tmp_path / "part", generations=3, **options)
+    part.run()
+    part.close()
+    resumed = _campaign(tiny_world, probe_evaluator, tmp_path / "part", generations=6, **options)
+    resumed.run()
+    assert resumed.archives == whole.archives
+
+
 def test_final_model_is_softmax_merge_of_best_elites(tiny_world, probe_evaluator, tmp_path):
     campaign = _campaign(tiny_world, probe_evaluator, tmp_path, generations=4)
     campaign.run()

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from cycleqd.archive import Archive, ArchiveSet, Elite
+from cycleqd.archive import Archive, ArchiveError, ArchiveSet, Elite
 from cycleqd.config import SkillConfig
 
 CODING = SkillConfig(name="coding", bc_min=0.0, bc_max=0.75, bins=15)
@@ -261,3 +261,43 @@ def test_best_ties_go_to_the_lowest_cell_whatever_the_insertion_order(
     assert archive.best().genome_id == "q"
     archive.offer("s", {"a": 0.1, "b": 0.0})  # worse, cell (0,) is lower but loses on quality
     assert archive.best().genome_id == "q"
+
+
+# -- without the cycle: one archive, quality the mean of the skills ---------------------------
+
+
+def mean_set() -> ArchiveSet:
+    return ArchiveSet([CODING, DB, OS], objective="mean")
+
+
+def test_without_the_cycle_one_archive_scores_the_mean_over_every_skills_bins() -> None:
+    archives = mean_set()
+    assert archives.names == ["mean"] and archives.skill_names == ["coding", "db", "os"]
+    assert [s.name for s in archives["mean"].bc_skills] == ["coding", "db", "os"]
+    assert archives["mean"].cell_of(G1) == (2, 6, 10)
+    assert archives.offer("g1", G1) == ["mean"]
+    assert archives["mean"].cells[(2, 6, 10)].quality == pytest.approx((0.12 + 0.20 + 0.31) / 3)
+    # Better on the mean in the same cell replaces; better on one skill alone does not.
+    assert archives.offer("g2", {"coding": 0.11, "db": 0.20, "os": 0.32}) == []
+    assert archives.offer("g3", {"coding": 0.13, "db": 0.20, "os": 0.31}) == ["mean"]
+    assert archives["mean"].cells[(2, 6, 10)].genome_id == "g3"
+    assert [archives.quality_of(g) for g in range(3)] == ["mean"] * 3
+    assert [paper_set().quality_of(g) for g in range(4)] == ["coding", "db", "os", "coding"]
+
+
+def test_without_the_cycle_archives_round_trip_and_refuse_a_forged_quality() -> None:
+    archives = mean_set()
+    archives.offer("g1", G1)
+    data = json.loads(json.dumps(archives.to_dict()))
+    assert list(data) == ["mean"]
+    again = mean_set()
+    again.load_dict(data)
+    assert again == archives
+    data["mean"][0]["quality"] = 0.12  # coding's score, not the mean
+    with pytest.raises(ArchiveError, match="quality is not its 'mean' score"):
+        mean_set().load_dict(data)
+    # A cycle's snapshot does not load into a campaign without the cycle, and back.
+    with pytest.raises(ArchiveError, match="this campaign's archives are \\['mean'\\]"):
+        mean_set().load_dict(paper_set().to_dict())
+    with pytest.raises(ArchiveError, match="archives are named \\['mean'\\]"):
+        paper_set().load_dict(archives.to_dict())

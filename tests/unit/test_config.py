@@ -72,6 +72,7 @@ def test_minimal_config_loads_from_yaml_with_paper_defaults(tmp_path: Path) -> N
     assert (config.crossover.mu, config.crossover.sigma) == (0.0, 0.01)
     assert config.mutation.kind == "svd"
     assert config.population == 1  # paper: one child per generation
+    assert config.objective == "cycle"
     assert config.models.experts["os"] == "/models/os"
     assert parse_config(minimal()) == config
     with pytest.raises(KeyError):
@@ -129,6 +130,19 @@ def test_bad_mutation_kind_lists_the_allowed_kinds() -> None:
     assert "'svdd'" in message
     for allowed in ("'svd'", "'svd_expert'", "'gaussian'", "'none'"):
         assert allowed in message
+
+
+def test_objective_without_the_cycle_refuses_what_needs_a_quality_skill() -> None:
+    data = minimal()
+    data["objective"] = "mean"
+    assert parse_config(data).objective == "mean"
+    data["mutation"] = {"kind": "svd_expert"}
+    message = config_error(data)
+    assert "mutation 'svd_expert'" in message and "objective 'mean'" in message
+    data = minimal()
+    data["objective"] = "single"
+    message = config_error(data)
+    assert "objective" in message and "'cycle'" in message and "'mean'" in message
 
 
 def test_bad_sampling_formula_lists_paper_and_official() -> None:
