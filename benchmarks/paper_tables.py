@@ -13,8 +13,9 @@ mean of the skills: `objective: mean`), the cycle with no mutation and uniform s
 
 Every search starts from the same world (`--world`, built by `python -m
 cycleqd.skills.tiny.train DIR`, or built here under --work with `--world-config`); its experts
-can be retrained with `--expert-steps` (fewer steps: experts further from their ceiling). The
-searches run in `--workers` processes, one torch thread each.
+can be retrained with `--expert-steps` (fewer steps: experts further from their ceiling) and
+`--expert-spec` (fine-tuning options over the world's, e.g. LoRA; the fine-tune-all model takes
+them too). The searches run in `--workers` processes, one torch thread each.
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_tables.py --world WORLD --seeds 0 1 2
     PYTHONPATH=. .venv/bin/python benchmarks/paper_tables.py --quick     # a mini world, minutes
@@ -214,13 +215,37 @@ def prepare_world(args: argparse.Namespace, work: Path) -> dict:
         if not (root / "world.json").exists():
             world = build_world(root, cfg, on_log=print, workers=args.workers)
         world = json.loads((root / "world.json").read_text())
-    if args.expert_steps:
+    if args.expert_steps or args.expert_spec != "{}":
         cfg = _config_from(
             {**json.loads(args.world_config), "expert": {"steps": args.expert_steps}}
+            if args.expert_steps
+            else json.loads(args.world_config)
         )
-        world = _retrained(world, expert_specs(cfg), work / f"experts-{args.expert_steps}", args)
-    world["all_data"] = _fine_tuned_on_all(world, root, work, args)
+        specs = {s: _with_spec(spec, args, s) for s, spec in expert_specs(cfg).items()}
+        world = _retrained(world, specs, work / f"experts-{_experts_tag(args)}", args)
+    if not args.experts_only:
+        world["all_data"] = _fine_tuned_on_all(world, root, work, args)
     return world
+
+
+def _with_spec(spec: dict, args, skill: str | None = None) -> dict:
+    """`spec` with --expert-spec's options: the same for every expert, or per skill where the
+    JSON is keyed by skill names (the fine-tune-all model, `skill` None, takes no per-skill
+    options)."""
+    overrides = json.loads(args.expert_spec)
+    if overrides and all(k.startswith("tiny_") for k in overrides):
+        overrides = overrides.get(skill, {}) if skill else {}
+    return {**spec, **overrides}
+
+
+def _experts_tag(args) -> str:
+    """A folder name per expert recipe, so that runs with other experts never share one."""
+    import hashlib
+
+    tag = str(args.expert_steps or "world")
+    if args.expert_spec != "{}":
+        tag += "-" + hashlib.sha256(args.expert_spec.encode()).hexdigest()[:8]
+    return tag
 
 
 def _retrained(world: dict, specs: dict, store: Path, args) -> dict:
@@ -234,7 +259,12 @@ def _retrained(world: dict, specs: dict, store: Path, args) -> dict:
     for skill in specs:
         train_expert(parse_config(config), str(store), skill)
         experts[skill] = str(store / CampaignStore.expert_prefix(skill))
-    return {**world, "experts": experts, "expert_steps": args.expert_steps}
+    return {
+        **world,
+        "experts": experts,
+        "expert_steps": args.expert_steps,
+        "expert_spec": json.loads(args.expert_spec),
+    }
 
 
 def _fine_tuned_on_all(world: dict, root: Path, work: Path, args) -> str | None:
@@ -260,10 +290,10 @@ def _fine_tuned_on_all(world: dict, root: Path, work: Path, args) -> str | None:
     specs = expert_specs(cfg)
     first = next(iter(specs))
     steps = (args.expert_steps or cfg.expert.steps) * len(specs)
-    spec = {**specs[first], "data": str(data), "max_steps": steps}
+    spec = {**_with_spec(specs[first], args), "data": str(data), "max_steps": steps}
     spec.pop("size", None)
     config = campaign_config({"base": world["base"], "experts": {**specs, first: spec}}, "all")
-    store = work / "all-data"
+    store = work / f"all-data-{_experts_tag(args)}"
     train_expert(parse_config(config), str(store), first)
     return str(store / CampaignStore.expert_prefix(first))
 
@@ -338,6 +368,16 @@ def main() -> None:
     parser.add_argument("--world", help="a built tiny world (its world.json)")
     parser.add_argument("--world-config", default="{}", help="WorldConfig overrides (JSON)")
     parser.add_argument("--expert-steps", type=int, default=0, help="retrain experts (0: no)")
+    parser.add_argument(
+        "--expert-spec",
+        default="{}",
+        help='fine-tuning options (JSON): {"method": "lora"} for all, or keyed by skill',
+    )
+    parser.add_argument(
+        "--experts-only",
+        action="store_true",
+        help="retrain the experts, print where, and stop (for merge_headroom.py --experts)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generations", type=int, default=12)
     parser.add_argument("--population", type=int, default=4)
@@ -369,6 +409,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     world = prepare_world(args, work)
     world_s = time.perf_counter() - started
+    if args.experts_only:
+        store = Path(next(iter(world["experts"].values()))).parent.parent
+        print(f"experts in {store} ({world_s / 60:.1f} min)")
+        return
     settings = {k: getattr(args, k) for k in ("generations", "population", "samples", "holdout")}
     jobs = []
     for row in args.rows:
@@ -385,6 +429,7 @@ def main() -> None:
     result["run"] = {
         "world": world.get("report", {}).get("config") or args.world,
         "expert_steps": args.expert_steps or None,
+        "expert_spec": json.loads(args.expert_spec),
         "seeds": args.seeds,
         **settings,
         "world_s": round(world_s, 1),

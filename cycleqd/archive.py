@@ -102,7 +102,7 @@ MEAN_ARCHIVE = "mean"
 
 def archive_names(config: CampaignConfig) -> list[str]:
     """The archives of a campaign, in the order generations breed for them."""
-    return [MEAN_ARCHIVE] if config.objective == "mean" else list(config.skill_names)
+    return ArchiveSet.for_config(config).names
 
 
 class ArchiveSet:

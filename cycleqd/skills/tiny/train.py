@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 def build_threads(sample_s: float = 1.0) -> int:
     """Torch threads for training the base: the cores nobody else is using now. Measured on 2
     cores: idle, 2 threads train 1.7x faster than 1; with other work running, 2 threads ran
-    ~4x slower than 1 (the ops are small; threads wait for each other). The weights depend on
-    the thread count (torch splits reductions by thread), so a world is built once per
-    workdir and reused; the count used is in world.json's report."""
+    ~4x slower than 1 (the ops are small; threads wait for each other). On a 2-core AVX-512
+    box, 1 and 2 threads built bit-identical worlds; torch's vector kernels do change them
+    (AVX-512 against AVX2, `ATEN_CPU_CAPABILITY`: other losses from step 100 on), so the
+    world differs from one CPU to another. It is built once per workdir and reused; the
+    threads and kernels used are in world.json's report."""
     cores = os.cpu_count() or 1
     idle = _idle_cores(sample_s)
     return max(1, min(cores, int(idle + 0.25)))
@@ -359,7 +361,13 @@ def build_base(
     stats = train(model, tokenizer, general, cfg.base, on_log=progress)
     base = save_model(model, tokenizer, root / "base")
     say(f"base: {stats.seconds / 60:.2f} min, loss {stats.first_loss:.3f} -> {stats.last_loss:.3f}")
-    report["base"] = {**asdict(stats), "threads": torch.get_num_threads()}  # weights depend on it
+    # What the weights may depend on besides the config: torch's vector kernels (AVX512,
+    # AVX2, ...: ATEN_CPU_CAPABILITY) and the thread count.
+    report["base"] = {
+        **asdict(stats),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     world = {"base": str(base), "experts": expert_specs(cfg), "report": report}
     (root / "world.json").write_text(json.dumps(world, indent=2))  # last: the base is complete
     return world
