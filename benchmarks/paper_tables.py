@@ -235,6 +235,8 @@ def _with_spec(spec: dict, args, skill: str | None = None) -> dict:
     overrides = json.loads(args.expert_spec)
     if overrides and all(k.startswith("tiny_") for k in overrides):
         overrides = overrides.get(skill, {}) if skill else {}
+    if overrides.get("data", "derived") != "derived":
+        spec = {k: v for k, v in spec.items() if k != "size"}  # `size` cuts derived sets only
     return {**spec, **overrides}
 
 
