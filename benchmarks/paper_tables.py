@@ -14,8 +14,9 @@ mean of the skills: `objective: mean`), the cycle with no mutation and uniform s
 Every search starts from the same world (`--world`, built by `python -m
 cycleqd.skills.tiny.train DIR`, or built here under --work with `--world-config`); its experts
 can be retrained with `--expert-steps` (fewer steps: experts further from their ceiling) and
-`--expert-spec` (fine-tuning options over the world's, e.g. LoRA; the fine-tune-all model takes
-them too). The searches run in `--workers` processes, one torch thread each.
+`--expert-spec` (fine-tuning options over the world's, e.g. LoRA, for every expert or per
+skill; the fine-tune-all model takes those given for every expert). The searches run in
+`--workers` processes, one torch thread each.
 
     PYTHONPATH=. .venv/bin/python benchmarks/paper_tables.py --world WORLD --seeds 0 1 2
     PYTHONPATH=. .venv/bin/python benchmarks/paper_tables.py --quick     # a mini world, minutes

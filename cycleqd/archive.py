@@ -127,7 +127,7 @@ class ArchiveSet:
     def for_config(cls, config: CampaignConfig) -> ArchiveSet:
         return cls(config.skills, config.objective)
 
-    def quality_of(self, generation: int) -> str:
+    def bred_for(self, generation: int) -> str:
         """The archive whose quality generation `generation` breeds for (the cycle)."""
         return self.names[generation % len(self.names)]
 

@@ -56,7 +56,7 @@ def breed(
 ) -> list[Genome]:
     """The children of one generation, all bred from the archives as they stand.
     `learned`: the proposer's fitness history per skill (`cycleqd.proposers`)."""
-    skill = archives.quality_of(generation)
+    skill = archives.bred_for(generation)
     experts = book.expert_ids()
     crossover = CROSSOVERS[config.crossover.method]
     mutation = MUTATIONS[config.mutation.kind]

@@ -281,8 +281,8 @@ def test_without_the_cycle_one_archive_scores_the_mean_over_every_skills_bins() 
     assert archives.offer("g2", {"coding": 0.11, "db": 0.20, "os": 0.32}) == []
     assert archives.offer("g3", {"coding": 0.13, "db": 0.20, "os": 0.31}) == ["mean"]
     assert archives["mean"].cells[(2, 6, 10)].genome_id == "g3"
-    assert [archives.quality_of(g) for g in range(3)] == ["mean"] * 3
-    assert [paper_set().quality_of(g) for g in range(4)] == ["coding", "db", "os", "coding"]
+    assert [archives.bred_for(g) for g in range(3)] == ["mean"] * 3
+    assert [paper_set().bred_for(g) for g in range(4)] == ["coding", "db", "os", "coding"]
 
 
 def test_without_the_cycle_archives_round_trip_and_refuse_a_forged_quality() -> None:
