@@ -29,6 +29,7 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -216,25 +217,26 @@ def prepare_world(args: argparse.Namespace, work: Path) -> dict:
         if not (root / "world.json").exists():
             world = build_world(root, cfg, on_log=print, workers=args.workers)
         world = json.loads((root / "world.json").read_text())
-    if args.expert_steps or args.expert_spec != "{}":
+    if args.expert_steps or args.expert_overrides:
         cfg = _config_from(
             {**json.loads(args.world_config), "expert": {"steps": args.expert_steps}}
             if args.expert_steps
             else json.loads(args.world_config)
         )
-        specs = {s: _with_spec(spec, args, s) for s, spec in expert_specs(cfg).items()}
+        specs = expert_specs(cfg)
+        specs = {s: _with_spec(spec, args, s, specs) for s, spec in specs.items()}
         world = _retrained(world, specs, work / f"experts-{_experts_tag(args)}", args)
     if not args.experts_only:
         world["all_data"] = _fine_tuned_on_all(world, root, work, args)
     return world
 
 
-def _with_spec(spec: dict, args, skill: str | None = None) -> dict:
+def _with_spec(spec: dict, args, skill: str | None, skills: Collection[str]) -> dict:
     """`spec` with --expert-spec's options: the same for every expert, or per skill where the
-    JSON is keyed by skill names (the fine-tune-all model, `skill` None, takes no per-skill
-    options)."""
-    overrides = json.loads(args.expert_spec)
-    if overrides and all(k.startswith("tiny_") for k in overrides):
+    JSON is keyed by the world's skill names (the fine-tune-all model, `skill` None, takes no
+    per-skill options)."""
+    overrides = args.expert_overrides
+    if overrides and set(overrides) <= set(skills):
         overrides = overrides.get(skill, {}) if skill else {}
     if overrides.get("data", "derived") != "derived":
         spec = {k: v for k, v in spec.items() if k != "size"}  # `size` cuts derived sets only
@@ -246,7 +248,7 @@ def _experts_tag(args) -> str:
     import hashlib
 
     tag = str(args.expert_steps or "world")
-    if args.expert_spec != "{}":
+    if args.expert_overrides:
         tag += "-" + hashlib.sha256(args.expert_spec.encode()).hexdigest()[:8]
     return tag
 
@@ -266,7 +268,7 @@ def _retrained(world: dict, specs: dict, store: Path, args) -> dict:
         **world,
         "experts": experts,
         "expert_steps": args.expert_steps,
-        "expert_spec": json.loads(args.expert_spec),
+        "expert_spec": args.expert_overrides,
     }
 
 
@@ -293,7 +295,7 @@ def _fine_tuned_on_all(world: dict, root: Path, work: Path, args) -> str | None:
     specs = expert_specs(cfg)
     first = next(iter(specs))
     steps = (args.expert_steps or cfg.expert.steps) * len(specs)
-    spec = {**_with_spec(specs[first], args), "data": str(data), "max_steps": steps}
+    spec = {**_with_spec(specs[first], args, None, specs), "data": str(data), "max_steps": steps}
     spec.pop("size", None)
     config = campaign_config({"base": world["base"], "experts": {**specs, first: spec}}, "all")
     store = work / f"all-data-{_experts_tag(args)}"
@@ -394,6 +396,10 @@ def main() -> None:
     parser.add_argument("--name", default="tiny")
     parser.add_argument("--quick", action="store_true", help="a mini world, 2 seeds, 3 gens")
     args = parser.parse_args()
+    try:
+        args.expert_overrides = json.loads(args.expert_spec)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--expert-spec is not JSON: {exc}")
     if args.quick:
         args.world_config = json.dumps(
             {
@@ -432,7 +438,7 @@ def main() -> None:
     result["run"] = {
         "world": world.get("report", {}).get("config") or args.world,
         "expert_steps": args.expert_steps or None,
-        "expert_spec": json.loads(args.expert_spec),
+        "expert_spec": args.expert_overrides,
         "seeds": args.seeds,
         **settings,
         "world_s": round(world_s, 1),
